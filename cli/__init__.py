@@ -1,0 +1,1 @@
+"""nerofy's command line (installed as the package ``nerofy_cli``)."""

@@ -1,0 +1,104 @@
+"""The balanced parametrization: each neuron's incoming weights zero-mean and unit-norm.
+
+``torch.nn.utils.parametrize`` stores a free tensor ``V`` and computes the weight as
+``scale * normalize(center(V))`` in every forward, so the constraint holds exactly and autograd gives
+the projected gradient. Nero re-projects ``V`` after each step so that ``||V|| = 1`` and its learning
+rate stays an angle.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .layout import NeuronLayout
+
+__all__ = ["Balanced", "balance", "fill_dead_", "is_balanced"]
+
+log = logging.getLogger("nerofy")
+
+# Below this norm (after centring) a neuron has no direction: it gets one (see fill_dead_).
+DEAD_NORM = 1e-12
+
+
+class Balanced(nn.Module):
+    """Parametrization ``V -> scale * normalize(center(V))`` along a :class:`NeuronLayout`."""
+
+    def __init__(self, layout: NeuronLayout, scale: float = 1.0):
+        super().__init__()
+        if layout.elementwise or not layout.constrained:
+            raise ValueError(f"Balanced needs a constrained neuron layout, got {layout}")
+        self.layout = layout
+        self.scale = float(scale)
+
+    def forward(self, v: Tensor) -> Tensor:
+        w = self.layout.project(v)
+        return w * self.scale if self.scale != 1.0 else w
+
+    @torch.no_grad()
+    def right_inverse(self, w: Tensor) -> Tensor:
+        """Plain weights -> stored tensor: projected onto the balanced set (the function changes
+        unless ``w`` was balanced already); neurons with no direction get one (never NaN, never 0)."""
+        v = self.layout.project(w)
+        fill_dead_(v, self.layout)
+        return v
+
+    def extra_repr(self) -> str:
+        return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}"
+
+
+@torch.no_grad()
+def fill_dead_(t: Tensor, layout: NeuronLayout) -> int:
+    """Give every neuron of ``t`` whose centred norm is ~0 a random balanced direction, in place.
+
+    Zero-initialised layers (zero-init heads, residual branches) would otherwise be dead forever:
+    a unit-norm neuron cannot be zero, and a zero neuron has no direction to turn. Uses a fixed seed,
+    so wrapping is deterministic. Returns how many neurons were filled. Meta tensors are skipped.
+    """
+    if t.is_meta or t.numel() == 0 or not layout.constrained:
+        return 0
+    view, dims = layout.neuron_view(t)
+    centred = view - view.mean(dim=dims, keepdim=True) if layout.center else view
+    dead = torch.linalg.vector_norm(centred.float(), dim=dims, keepdim=True) <= DEAD_NORM
+    n_dead = int(dead.sum())
+    if n_dead:
+        gen = torch.Generator().manual_seed(0x4E45524F)  # "NERO"
+        fresh = torch.randn(view.shape, generator=gen, dtype=torch.float32).to(view.device)
+        fresh = layout.project(fresh.reshape(t.shape)).to(t.dtype)
+        fresh_view, _ = layout.neuron_view(fresh)
+        view.copy_(torch.where(dead, fresh_view, view))
+        log.info("nerofy: %d of %d neurons had no direction (all zero); gave them random balanced weights",
+                 n_dead, dead.numel())
+    return n_dead
+
+
+def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float = 1.0) -> Balanced:
+    """Constrain ``module.<name>`` to the balanced set along ``layout`` (in place) and return the
+    parametrization. The stored tensor becomes ``module.parametrizations[name].original``."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"balance() needs an nn.Module, got {type(module).__name__}")
+    p = getattr(module, name, None)
+    if not isinstance(p, Tensor):
+        raise ValueError(f"{type(module).__name__} has no tensor attribute {name!r}")
+    if parametrize.is_parametrized(module, name):
+        raise ValueError(f"{type(module).__name__}.{name} is already parametrized; nerofy will not stack constraints")
+    layout.check(tuple(p.shape))
+    if layout.fan_in(p.shape) <= 1:
+        raise ValueError(
+            f"{type(module).__name__}.{name} of shape {tuple(p.shape)} has fan-in 1 along "
+            f"{layout.describe()}: a balanced neuron would be +-1 (or 0 once centred). Leave it "
+            "unconstrained (role 'gain') instead."
+        )
+    b = Balanced(layout, scale)
+    parametrize.register_parametrization(module, name, b)
+    return b
+
+
+def is_balanced(module: nn.Module, name: str | None = None) -> bool:
+    """Whether ``module`` (or its tensor ``name``) carries a nerofy balanced parametrization."""
+    if not parametrize.is_parametrized(module, name):
+        return False
+    names = [name] if name else list(module.parametrizations.keys())
+    return any(isinstance(pz, Balanced) for n in names for pz in module.parametrizations[n])

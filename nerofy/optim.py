@@ -1,0 +1,391 @@
+"""Nero: the neuronal rotator (Liu, Bernstein, Meister & Yue, "Learning by Turning", ICML 2021).
+
+Written from the paper's mathematics (see DESIGN.md §1). For every neuron ``i`` of a parameter
+(its layout says which slices are neurons) with gradient ``g_i`` at the parameter's step ``t``::
+
+    v_i  <- beta * v_i + (1 - beta) * ||g_i||^2              # one fp32 scalar per neuron
+    w_i  <- w_i - lr * s * g_i / sqrt(v_i / (1 - beta^t))     # ||step|| ~ lr * s
+    w_i  <- (w_i - mean(w_i)) / ||w_i - mean(w_i)||             # constrained layouts only
+
+For balanced (unit-norm) neurons ``s = 1``, so the learning rate is the angle each neuron turns per
+step. Unconstrained tensors (biases, gains, embedding rows, ...) use the same rule with ``s`` fixed
+at the tensor's mean neuron norm when its state is created (``scale_floor`` where that is zero), so
+they too move by a relative amount.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from functools import lru_cache
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from .layout import ELEMENTWISE, ROWS, NeuronLayout
+
+__all__ = ["Nero", "nero_update"]
+
+log = logging.getLogger("nerofy")
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts per parameter
+# ---------------------------------------------------------------------------------------------
+def _parse_layout(spec: Any) -> NeuronLayout | str:
+    """Accept the group's ``layout`` as "auto", "elementwise", a NeuronLayout or its dict form."""
+    if isinstance(spec, NeuronLayout) or spec == "auto":
+        return spec
+    if spec in ("elementwise", None):
+        return ELEMENTWISE
+    if isinstance(spec, dict):
+        d = dict(spec)
+        if d.get("axes") is not None:
+            d["axes"] = tuple(d["axes"])
+        return NeuronLayout(**d)
+    raise ValueError(f"layout must be 'auto', 'elementwise' or a NeuronLayout, got {spec!r}")
+
+
+def _layout_to_dict(spec: NeuronLayout | str) -> dict | str:
+    if isinstance(spec, NeuronLayout):
+        return {
+            "axes": None if spec.axes is None else list(spec.axes),
+            "split_axis": spec.split_axis,
+            "groups": spec.groups,
+            "center": spec.center,
+            "normalize": spec.normalize,
+        }
+    return spec
+
+
+@lru_cache(maxsize=4096)
+def _resolve(spec: NeuronLayout | str, shape: tuple[int, ...]) -> NeuronLayout:
+    """The layout one parameter of ``shape`` actually gets in a group whose layout is ``spec``."""
+    if spec == "auto":
+        # The paper's convention: every dim>1 tensor is a neuron weight along axis 0.
+        if len(shape) > 1 and ROWS.fan_in(shape) > 1:
+            return ROWS
+        return ELEMENTWISE
+    spec.check(shape)
+    if spec.constrained and not spec.elementwise and spec.fan_in(shape) <= 1:
+        log.warning(
+            "Nero: a tensor of shape %s has fan-in 1 under layout %s; a balanced fan-in-1 neuron "
+            "could only be +-1 (or 0 once centred), so it is updated per element as a gain instead.",
+            shape, spec.describe(),
+        )
+        return ELEMENTWISE
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# the update, over lists of tensors
+# ---------------------------------------------------------------------------------------------
+def _neuron_norms(gs: list[Tensor], dims: list[tuple[int, ...]]) -> list[Tensor]:
+    return [torch.linalg.vector_norm(g, dim=d, keepdim=True) for g, d in zip(gs, dims)]
+
+
+def _all_finite(norm_lists: list[list[Tensor]]) -> bool:
+    """One host sync for the whole step: are all gradient norms finite?"""
+    parts = [torch.stack(torch._foreach_norm(ns, 1)) for ns in norm_lists if ns]
+    return not parts or bool(torch.isfinite(torch.cat(parts).sum()))
+
+
+def nero_update(
+    neurons: list[tuple[Tensor, Tensor, Tensor, NeuronLayout, int, float]],
+    elements: list[tuple[Tensor, Tensor, Tensor, int, float]],
+    *,
+    lr: float,
+    beta: float,
+    eps: float,
+    foreach: bool = True,
+    skip_nonfinite: bool = True,
+) -> int:
+    """Apply one Nero step in place.
+
+    ``neurons``: (weight, grad, v, layout, step, scale) with per-neuron state ``v``.
+    ``elements``: (weight, grad, v, step, scale) with per-element state ``v``.
+    Weights and v must be fp32 here (the optimizer upcasts low-precision parameters).
+    Returns the number of neurons/elements whose non-finite gradient was treated as zero.
+    """
+    if not foreach:
+        return _update_reference(neurons, elements, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite)
+
+    skipped = 0
+    # ---- per-neuron tensors -------------------------------------------------------------
+    nw, ng, ndims, nv, nlay = [], [], [], [], []
+    for w, g, v, lay, _, _ in neurons:
+        wv, d = lay.neuron_view(w)
+        gv, _ = lay.neuron_view(g)
+        nw.append(wv), ng.append(gv), ndims.append(d), nv.append(v), nlay.append(lay)
+    norms = _neuron_norms(ng, ndims)
+    eg = [g for _, g, _, _, _ in elements]
+    enorm = list(torch._foreach_norm(eg)) if eg and skip_nonfinite else []
+
+    if skip_nonfinite and not _all_finite([norms, enorm]):
+        ng, norms, eg, skipped = _sanitize(ng, norms, eg)
+
+    if neurons:
+        torch._foreach_mul_(nv, beta)
+        torch._foreach_addcmul_(nv, norms, norms, 1.0 - beta)
+        coef = torch._foreach_div(nv, [1.0 - beta ** t for _, _, _, _, t, _ in neurons])
+        torch._foreach_sqrt_(coef)
+        torch._foreach_clamp_min_(coef, eps)
+        torch._foreach_reciprocal_(coef)
+        torch._foreach_mul_(coef, [-lr * s for _, _, _, _, _, s in neurons])
+        torch._foreach_addcmul_(nw, ng, coef)
+        for wv, d, lay in zip(nw, ndims, nlay):
+            _project_(wv, d, lay)
+
+    if elements:
+        ew = [w for w, _, _, _, _ in elements]
+        ev = [v for _, _, v, _, _ in elements]
+        torch._foreach_mul_(ev, beta)
+        torch._foreach_addcmul_(ev, eg, eg, 1.0 - beta)
+        denom = torch._foreach_div(ev, [1.0 - beta ** t for _, _, _, t, _ in elements])
+        torch._foreach_sqrt_(denom)
+        torch._foreach_clamp_min_(denom, eps)
+        torch._foreach_addcdiv_(ew, eg, denom, [-lr * s for _, _, _, _, s in elements])
+    return skipped
+
+
+def _project_(wv: Tensor, dims: tuple[int, ...], lay: NeuronLayout, eps: float = 1e-12) -> None:
+    """In-place centring and normalisation of each neuron.
+
+    Two-pass (subtract the mean, then divide by the norm) rather than one-pass statistics:
+    ``var_mean`` is several times slower on CPU, and sum/sum-of-squares loses precision when a
+    neuron is far from zero-mean (the first step of an unprojected model).
+    """
+    if lay.center:
+        wv.sub_(wv.mean(dim=dims, keepdim=True))
+    if lay.normalize:
+        wv.div_(torch.linalg.vector_norm(wv, dim=dims, keepdim=True).clamp_min_(eps))
+
+
+def _sanitize(ng, norms, eg):
+    """Treat the gradient of any neuron (or element) holding NaN/inf as zero for this step."""
+    skipped = 0
+    ng2, norms2 = [], []
+    for g, nrm in zip(ng, norms):
+        bad = ~torch.isfinite(nrm)
+        if bad.any():
+            skipped += int(bad.sum())
+            g = g.masked_fill(bad, 0.0)
+            nrm = nrm.masked_fill(bad, 0.0)
+        ng2.append(g), norms2.append(nrm)
+    eg2 = []
+    for g in eg:
+        bad = ~torch.isfinite(g)
+        if bad.any():
+            skipped += int(bad.sum())
+            g = g.masked_fill(bad, 0.0)
+        eg2.append(g)
+    return ng2, norms2, eg2, skipped
+
+
+def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite):
+    """Plain per-parameter implementation of the same mathematics (the foreach path's oracle)."""
+    skipped = 0
+    for w, g, v, lay, t, s in neurons:
+        wv, d = lay.neuron_view(w)
+        gv, _ = lay.neuron_view(g)
+        sq = gv.square().sum(dim=d, keepdim=True)
+        if skip_nonfinite:
+            bad = ~torch.isfinite(sq)
+            skipped += int(bad.sum())
+            gv, sq = gv.masked_fill(bad, 0.0), sq.masked_fill(bad, 0.0)
+        v.mul_(beta).add_((1.0 - beta) * sq)
+        v_hat = v / (1.0 - beta ** t)
+        wv.sub_(lr * s * gv / v_hat.sqrt().clamp_min(eps))
+        if lay.center:
+            wv.sub_(wv.mean(dim=d, keepdim=True))
+        if lay.normalize:
+            wv.div_(torch.linalg.vector_norm(wv, dim=d, keepdim=True).clamp_min(1e-12))
+    for w, g, v, t, s in elements:
+        if skip_nonfinite:
+            bad = ~torch.isfinite(g)
+            skipped += int(bad.sum())
+            g = g.masked_fill(bad, 0.0)
+        v.mul_(beta).add_((1.0 - beta) * g * g)
+        v_hat = v / (1.0 - beta ** t)
+        w.sub_(lr * s * g / v_hat.sqrt().clamp_min(eps))
+    return skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer
+# ---------------------------------------------------------------------------------------------
+class Nero(torch.optim.Optimizer):
+    """Nero, a ``torch.optim.Optimizer``: per-neuron adaptive steps on the balanced set.
+
+    Args:
+        params: parameters or parameter groups. A group may carry its own ``lr``, ``beta`` and
+            ``layout``.
+        lr: the angle (radians) each balanced neuron turns per step. Default 0.01.
+        beta: decay of the per-neuron second-moment estimate, in [0, 1). Default 0.999.
+        layout: how a group's tensors split into neurons. ``"auto"`` (default) follows the paper:
+            every tensor with ``dim > 1`` (and fan-in > 1) is balanced along axis 0, everything else
+            is updated per element, unconstrained. A :class:`NeuronLayout` applies to every tensor
+            of the group (``nerofy.wrap`` builds one group per layout). A constrained layout on a
+            fan-in-1 tensor falls back to per-element updates, with a logged warning.
+        eps: floor of ``sqrt(v_hat)``; a zero gradient gives a zero step, never NaN.
+        scale_floor: step scale ``s`` of an unconstrained tensor that is all zero at the start.
+        foreach: multi-tensor implementation (default) or the plain per-parameter reference.
+        skip_nonfinite: if a neuron's (or an unconstrained element's) gradient holds NaN or inf,
+            that neuron is treated as having a zero gradient for this step: its weights stay as
+            they are (up to re-projection) and its second-moment estimate decays as for a zero
+            gradient; every other neuron steps normally, and a warning is logged. This costs one
+            host sync per step; set False to skip the check (non-finite gradients then poison the
+            weights, as with other optimizers).
+
+    State, per parameter: ``step`` (its own counter, so a parameter that starts training late
+    gets the right bias correction), ``v`` (fp32, one value per neuron; per element for
+    unconstrained tensors) and ``scale`` (``s``). fp16/bf16 parameters are updated in fp32 and
+    rounded back.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 0.01,
+        beta: float = 0.999,
+        layout: NeuronLayout | str = "auto",
+        eps: float = 1e-16,
+        scale_floor: float = 0.01,
+        foreach: bool | None = None,
+        skip_nonfinite: bool = True,
+    ):
+        _check_hparams(lr, beta, eps, scale_floor)
+        defaults = dict(
+            lr=lr, beta=beta, layout=_parse_layout(layout), eps=eps, scale_floor=scale_floor,
+            foreach=True if foreach is None else bool(foreach), skip_nonfinite=skip_nonfinite,
+        )
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if not params:
+            raise ValueError("Nero got an empty parameter list: pass model.parameters() with trainable tensors")
+        groups = [dict(p) if isinstance(p, dict) else p for p in params]
+        for g in groups:
+            ts = g["params"] if isinstance(g, dict) else [g]
+            ts = [ts] if isinstance(ts, Tensor) else list(ts)
+            if isinstance(g, dict):
+                g["params"] = ts
+            for t in ts:
+                if not isinstance(t, Tensor):
+                    raise ValueError(f"Nero can only optimize tensors, got {type(t).__name__}: pass model.parameters()")
+        params = groups
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        if "layout" in param_group:
+            param_group["layout"] = _parse_layout(param_group["layout"])
+        _check_hparams(param_group.get("lr", self.defaults["lr"]), param_group.get("beta", self.defaults["beta"]),
+                       param_group.get("eps", self.defaults["eps"]), param_group.get("scale_floor", self.defaults["scale_floor"]))
+        super().add_param_group(param_group)
+        # reject layouts that do not fit a tensor early, with the parameter's shape in the error
+        g = self.param_groups[-1]
+        for p in g["params"]:
+            if isinstance(g["layout"], NeuronLayout):
+                g["layout"].check(tuple(p.shape))
+
+    # -- state ---------------------------------------------------------------------------
+    def _init_state(self, p: Tensor, lay: NeuronLayout, group: dict) -> dict:
+        st = self.state[p]
+        w = p.detach().float()
+        if lay.elementwise:
+            st["v"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            mags = w.abs()
+        else:
+            wv, d = lay.neuron_view(w)
+            mags = torch.linalg.vector_norm(wv, dim=d, keepdim=True)
+            st["v"] = torch.zeros_like(mags)
+        if lay.normalize:
+            s = 1.0
+        else:
+            s = float(mags.mean()) if mags.numel() else 0.0
+            if not math.isfinite(s) or s <= 0.0:
+                s = group["scale_floor"]
+        st["step"] = 0
+        st["scale"] = s
+        return st
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            neurons, elements, writeback = [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Nero does not support sparse gradients (use a dense embedding)")
+                lay = _resolve(group["layout"], tuple(p.shape))
+                st = self.state[p] if self.state.get(p) else self._init_state(p, lay, group)
+                st["step"] += 1
+                if p.dtype in _LOW_PRECISION:
+                    w, g = p.detach().float(), p.grad.float()
+                    writeback.append((p, w))
+                else:
+                    w, g = p.detach(), p.grad
+                if lay.elementwise:
+                    elements.append((w, g, st["v"], st["step"], st["scale"]))
+                else:
+                    neurons.append((w, g, st["v"], lay, st["step"], st["scale"]))
+            if not neurons and not elements:
+                continue
+            skipped = nero_update(
+                neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                foreach=group["foreach"], skip_nonfinite=group["skip_nonfinite"],
+            )
+            if skipped:
+                log.warning("Nero: %d neurons/elements had a non-finite gradient; treated as zero this step", skipped)
+            for p, w in writeback:
+                p.copy_(w)
+        return loss
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Project every constrained parameter onto the balanced set now (e.g. after loading)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                lay = _resolve(group["layout"], tuple(p.shape))
+                if lay.constrained and not lay.elementwise:
+                    w = p.detach().float() if p.dtype in _LOW_PRECISION else p.detach()
+                    wv, d = lay.neuron_view(w)
+                    _project_(wv, d, lay)
+                    if w is not p:
+                        p.copy_(w)
+
+    # -- (de)serialisation: plain types only (torch.load(weights_only=True) works), state fp32 --
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            g["layout"] = _layout_to_dict(g["layout"])
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = {k: dict(v) for k, v in state_dict["state"].items()}
+        sd = dict(state_dict)
+        sd["param_groups"] = [dict(g, layout=_parse_layout(g.get("layout", "auto"))) for g in state_dict["param_groups"]]
+        super().load_state_dict(sd)
+        # torch casts state to each parameter's dtype; Nero keeps its state in fp32
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, st in saved.items():
+            p = params[idx]
+            for k, v in st.items():
+                if isinstance(v, Tensor):
+                    self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def _check_hparams(lr, beta, eps, scale_floor):
+    if not (isinstance(lr, (int, float, Tensor)) and float(lr) >= 0.0 and math.isfinite(float(lr))):
+        raise ValueError(f"Invalid learning rate {lr!r}: Nero's lr is an angle in radians, use a value >= 0 such as 0.01")
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+        raise ValueError(f"Invalid beta {beta!r}: it must lie in [0, 1) (default 0.999)")
+    if not (eps > 0.0):
+        raise ValueError(f"Invalid eps {eps!r}: it must be > 0")
+    if not (scale_floor > 0.0):
+        raise ValueError(f"Invalid scale_floor {scale_floor!r}: it must be > 0")
