@@ -101,18 +101,31 @@ def nero_update(
     eps: float,
     foreach: bool = True,
     skip_nonfinite: bool = True,
+    fused: bool = False,
 ) -> int:
     """Apply one Nero step in place.
 
     ``neurons``: (weight, grad, v, layout, step, scale) with per-neuron state ``v``.
     ``elements``: (weight, grad, v, step, scale) with per-element state ``v``.
     Weights and v must be fp32 here (the optimizer upcasts low-precision parameters).
+    ``fused``: update the tensors the fused CPU kernel can take (fp32 on CPU, each neuron one
+    contiguous block of memory) with it, and the rest with the foreach (or reference) path; silently
+    all foreach/reference where the kernel is unavailable (see :mod:`nerofy._fused`).
     Returns the number of neurons/elements whose non-finite gradient was treated as zero.
     """
-    if not foreach:
-        return _update_reference(neurons, elements, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite)
-
+    lr = float(lr)  # a 0-dim tensor lr (accepted by Nero) cannot go into the foreach scalar lists
     skipped = 0
+    if fused:
+        from . import _fused
+
+        if _fused.available():
+            fn, fe, neurons, elements, _ = _fused.partition(neurons, elements)
+            skipped += _fused.run(fn, fe, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite)
+            if not neurons and not elements:
+                return skipped
+    if not foreach:
+        return skipped + _update_reference(neurons, elements, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite)
+
     # ---- per-neuron tensors -------------------------------------------------------------
     nw, ng, ndims, nv, nlay = [], [], [], [], []
     for w, g, v, lay, _, _ in neurons:
@@ -124,7 +137,8 @@ def nero_update(
     enorm = list(torch._foreach_norm(eg)) if eg and skip_nonfinite else []
 
     if skip_nonfinite and not _all_finite([norms, enorm]):
-        ng, norms, eg, skipped = _sanitize(ng, norms, eg)
+        ng, norms, eg, n_bad = _sanitize(ng, norms, eg)
+        skipped += n_bad
 
     if neurons:
         torch._foreach_mul_(nv, beta)
@@ -232,6 +246,16 @@ class Nero(torch.optim.Optimizer):
         eps: floor of ``sqrt(v_hat)``; a zero gradient gives a zero step, never NaN.
         scale_floor: step scale ``s`` of an unconstrained tensor that is all zero at the start.
         foreach: multi-tensor implementation (default) or the plain per-parameter reference.
+        fused: ``None`` (default) updates every tensor it can with a fused CPU kernel that does the
+            whole step in one pass per neuron (about 2.5x faster than foreach; see
+            :mod:`nerofy._fused`: built once per machine with the system C compiler and cached) and
+            the rest with the foreach path: tensors not on the CPU or not fp32 (fp16/bf16 parameters
+            are upcast first, so they qualify), layouts whose neurons are not contiguous in memory,
+            or every tensor when no compiler is found. ``True``: the same, but logs one warning
+            (logger ``"nerofy"``) the first time some tensor cannot use the kernel. ``False``: never.
+            The fused path computes the same update as the reference to float rounding.
+            ``fused=True`` with ``foreach=False`` is an error; ``foreach=False`` alone means the
+            reference path only.
         skip_nonfinite: if a neuron's (or an unconstrained element's) gradient holds NaN or inf,
             that neuron is treated as having a zero gradient for this step: its weights stay as
             they are (up to re-projection) and its second-moment estimate decays as for a zero
@@ -255,11 +279,13 @@ class Nero(torch.optim.Optimizer):
         scale_floor: float = 0.01,
         foreach: bool | None = None,
         skip_nonfinite: bool = True,
+        fused: bool | None = None,
     ):
         _check_hparams(lr, beta, eps, scale_floor)
         defaults = dict(
             lr=lr, beta=beta, layout=_parse_layout(layout), eps=eps, scale_floor=scale_floor,
             foreach=True if foreach is None else bool(foreach), skip_nonfinite=skip_nonfinite,
+            fused=None if fused is None else bool(fused),
         )
         params = [params] if isinstance(params, Tensor) else list(params)
         if not params:
@@ -282,6 +308,10 @@ class Nero(torch.optim.Optimizer):
         _check_hparams(param_group.get("lr", self.defaults["lr"]), param_group.get("beta", self.defaults["beta"]),
                        param_group.get("eps", self.defaults["eps"]), param_group.get("scale_floor", self.defaults["scale_floor"]))
         super().add_param_group(param_group)
+        g = self.param_groups[-1]
+        if g.get("fused") is True and g.get("foreach") is False:
+            self.param_groups.pop()
+            raise ValueError("Nero: fused=True and foreach=False exclude each other (foreach=False is the reference path)")
         # reject layouts that do not fit a tensor early, with the parameter's shape in the error
         g = self.param_groups[-1]
         for p in g["params"]:
@@ -336,15 +366,37 @@ class Nero(torch.optim.Optimizer):
                     neurons.append((w, g, st["v"], lay, st["step"], st["scale"]))
             if not neurons and not elements:
                 continue
-            skipped = nero_update(
-                neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                foreach=group["foreach"], skip_nonfinite=group["skip_nonfinite"],
-            )
+            skipped = 0
+            fused = group.get("fused")
+            if fused or (fused is None and group["foreach"] is not False):
+                skipped, neurons, elements = self._step_fused(group, neurons, elements, explicit=bool(fused))
+            if neurons or elements:
+                skipped += nero_update(
+                    neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                    foreach=group["foreach"], skip_nonfinite=group["skip_nonfinite"],
+                )
             if skipped:
                 log.warning("Nero: %d neurons/elements had a non-finite gradient; treated as zero this step", skipped)
             for p, w in writeback:
                 p.copy_(w)
         return loss
+
+    def _step_fused(self, group: dict, neurons: list, elements: list, explicit: bool):
+        """Run the fused kernel on what it can take; return (skipped, rest_neurons, rest_elements)."""
+        from . import _fused
+
+        if not _fused.available():
+            n_rest, why, skipped = len(neurons) + len(elements), _fused.unavailable_reason(), 0
+        else:
+            fn, fe, neurons, elements, why = _fused.partition(neurons, elements)
+            skipped = _fused.run(fn, fe, lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                                 skip_nonfinite=group["skip_nonfinite"])
+            n_rest = len(neurons) + len(elements)
+        if n_rest and explicit and not getattr(self, "_fused_warned", False):
+            self._fused_warned = True
+            log.warning("Nero(fused=True): the fused kernel cannot take %d tensor(s) of a parameter group (%s); "
+                        "they take the foreach path. This warning is logged once per optimizer.", n_rest, why)
+        return skipped, neurons, elements
 
     @torch.no_grad()
     def project_(self) -> None:
