@@ -1,12 +1,20 @@
 """nerofy: turn a PyTorch model into a balanced network trained by Nero.
 
-Public API: :func:`wrap`, :func:`plan`, :func:`bake`, :class:`Nero`, :class:`Plan`,
-:class:`NeuronLayout`, :func:`balance`.
+Public API::
+
+    model, optimizer = nerofy.wrap(model, lr=0.01)      # plan + rewrite in place + matching Nero
+    plan = nerofy.plan(model, example_inputs=None)      # inspect; plan.override(...); wrap(model, plan=plan)
+    nerofy.bake(model)                                  # plain module again, same outputs
+    nerofy.Nero(params, lr=0.01, beta=0.999)            # the optimizer on its own
 """
 from .balanced import Balanced, balance, is_balanced
 from .layout import NeuronLayout
 from .optim import Nero
+from .plan import ROLES, Entry, Plan
+from .plan import make_plan as plan
+from .rewrite import bake, is_wrapped, wrap
 
 __version__ = "0.1.0"
 
-__all__ = ["Nero", "NeuronLayout", "Balanced", "balance", "is_balanced", "__version__"]
+__all__ = ["wrap", "plan", "bake", "Nero", "Plan", "Entry", "ROLES", "NeuronLayout", "Balanced", "balance",
+           "is_balanced", "is_wrapped", "__version__"]

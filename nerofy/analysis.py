@@ -1,0 +1,512 @@
+"""Follow parameters through ops and turn each use into a Finding (role + neuron axes).
+
+Frontends feed :class:`Analyzer` one call at a time with the canonical op name (see rules.py) and
+arguments already resolved to the values below. The analyzer is frontend-agnostic: fx, the
+function-mode recorder and torch.export all share it, so a rule is written once.
+
+* :class:`Derived` — a tensor computed from parameters by views or elementwise maths; for every
+  parameter it remembers which parameter dims feed each of its dims.
+* :class:`Act` — depends on the model's inputs (an activation).
+* :class:`Const` — neither (buffers, constants, tensors made inside forward).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from . import rules as R
+
+Origins = tuple[frozenset, ...]  # per tensor dim: the parameter dims feeding it
+
+
+@dataclass
+class Derived:
+    shape: tuple[int, ...] | None
+    origins: dict[str, Origins]
+    removed: dict[str, frozenset] = field(default_factory=dict)  # param dims indexed away
+
+
+@dataclass
+class Act:
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class Const:
+    shape: tuple[int, ...] | None = None
+
+
+@dataclass
+class Finding:
+    """One use of one parameter: what role that use implies."""
+
+    param: str
+    role: str  # neuron | embedding | gain | bias | additive | free
+    axes: tuple[int, ...] | None = None
+    split_axis: int | None = None
+    groups: int = 1
+    op: str = ""
+    where: str = ""
+    frontend: str = ""
+    reason: str = ""
+
+
+def _shape(v) -> tuple[int, ...] | None:
+    return getattr(v, "shape", None) if isinstance(v, (Derived, Act, Const)) else None
+
+
+def _flat(x):
+    if isinstance(x, (list, tuple)):
+        for y in x:
+            yield from _flat(y)
+    elif isinstance(x, dict):
+        for y in x.values():
+            yield from _flat(y)
+    else:
+        yield x
+
+
+def _broadcast_origins(d: Derived, out_nd: int) -> dict[str, Origins]:
+    """Right-align ``d``'s dims onto an output of ``out_nd`` dims (broadcasting)."""
+    res = {}
+    for p, org in d.origins.items():
+        pad = out_nd - len(org)
+        if pad < 0:
+            return {}
+        res[p] = tuple([frozenset()] * pad) + tuple(org)
+    return res
+
+
+def _merge(a: dict[str, Origins], b: dict[str, Origins]) -> dict[str, Origins]:
+    out = dict(a)
+    for p, org in b.items():
+        if p in out and len(out[p]) == len(org):
+            out[p] = tuple(x | y for x, y in zip(out[p], org))
+        else:
+            out[p] = org
+    return out
+
+
+class Analyzer:
+    def __init__(self, frontend: str, param_shapes: dict[str, tuple[int, ...]]):
+        self.frontend = frontend
+        self.param_shapes = param_shapes
+        self.findings: list[Finding] = []
+        self.where = ""  # set by the frontend before each call (node or module path)
+
+    # ---- sources ---------------------------------------------------------------------------
+    def source(self, name: str) -> Derived:
+        shape = tuple(self.param_shapes[name])
+        return Derived(shape, {name: tuple(frozenset([d]) for d in range(len(shape)))}, {name: frozenset()})
+
+    def emit(self, d: Derived, role: str, op: str, reason: str = "", rule: R.Contraction | None = None) -> None:
+        for p, org in d.origins.items():
+            f = Finding(p, role, op=op, where=self.where, frontend=self.frontend, reason=reason)
+            if rule is not None and role in ("neuron", "embedding"):
+                f = self._map_contraction(p, org, d.removed.get(p, frozenset()), rule, f)
+            self.findings.append(f)
+
+    def _map_contraction(self, p, org, removed, rule: R.Contraction, f: Finding) -> Finding:
+        shape = self.param_shapes[p]
+        if any(d >= len(org) for d in rule.neuron + rule.fan_in):
+            f.role, f.reason = "free", f"{rule.role} rule of {f.op} does not fit the tensor's dims"
+            return f
+        neuron = set().union(*[org[d] for d in rule.neuron]) | set(removed)
+        fan_in = set().union(*[org[d] for d in rule.fan_in])
+        split = None
+        if rule.split_axis is not None:
+            src = org[rule.split_axis]
+            if len(src) != 1:
+                f.role, f.reason = "free", f"grouped fan-in of {f.op} spans several parameter dims"
+                return f
+            split = next(iter(src))
+        both = neuron & fan_in
+        if both:
+            f.role = "free"
+            f.reason = f"dims {sorted(both)} feed both neurons and fan-in of {f.op} (through a reshape)"
+            return f
+        missing = [d for d in range(len(shape)) if d not in neuron | fan_in and shape[d] != 1]
+        if missing:
+            # a parameter dim that reaches neither side (reduced away, or broadcast): cannot place
+            f.role, f.reason = "free", f"dims {missing} do not reach {f.op}"
+            return f
+        f.axes = tuple(sorted(neuron))
+        f.split_axis, f.groups = split, rule.groups
+        return f
+
+    # ---- calls -----------------------------------------------------------------------------
+    def call(self, op: str, args: tuple, kwargs: dict, out_shape: Any = None, fn: Callable | None = None) -> Any:
+        """Interpret one call. ``out_shape``: the output's shape (a tuple of tuples for several
+        outputs) when the frontend knows it. Returns the value(s) describing the output."""
+        if op in R.SHAPE_ONLY:  # metadata or a fresh tensor "like" the argument: no values flow
+            return self._plain(out_shape, False)
+        flat = list(_flat((args, kwargs)))
+        derived = [v for v in flat if isinstance(v, Derived)]
+        has_act = any(isinstance(v, Act) for v in flat)
+        if not derived:
+            return self._plain(out_shape, has_act)
+        if out_shape is None and fn is not None:
+            out_shape = _meta_shape(fn, args, kwargs)
+
+        bound = R.bind(op, args, kwargs)
+        # contractions, norms and other ops with per-argument rules
+        ruled = False
+        passthrough = None
+        operands = list(args[1:]) if op == "einsum" else None
+        if op == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
+            operands = list(args[1])
+        for name, val in list(bound.items()) if op != "einsum" else []:
+            if isinstance(val, Derived):
+                rule = R.contraction(op, name, val.shape or (), bound)
+                if rule is None:
+                    continue
+                ruled = True
+                if rule == "passthrough":
+                    passthrough = val
+                elif isinstance(rule, R.Contraction):
+                    self._contract(val, rule, op, has_act, name)
+                else:
+                    self.emit(val, rule, op, f"{name} of {op}")
+        if op == "einsum" and operands:
+            ruled = True
+            for i, val in enumerate(operands):
+                if isinstance(val, Derived):
+                    rule = R.einsum_operand(bound["equation"], i, len(val.shape or ()))
+                    if rule is None:
+                        self.emit(val, "free", op, f"einsum operand {i} does not match '{bound['equation']}'")
+                    elif rule.role == "gain":
+                        self.emit(val, "gain", op, f"einsum operand {i}: nothing contracted, it scales")
+                    else:
+                        self._contract(val, rule, op, has_act, f"operand {i}")
+        if ruled:
+            if passthrough is not None:
+                return self._elementwise([passthrough], out_shape or passthrough.shape)
+            return self._plain(out_shape, True)
+
+        # views
+        if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SELECTS | R.SPLITS | R.IDENTITY:
+            src = args[0] if args and isinstance(args[0], Derived) else derived[0]
+            if op in R.SELECTS and _index_is_act(args, kwargs):
+                # rows picked by data (an embedding lookup written as indexing)
+                self.emit(src, "embedding", op, "rows selected by an index computed from inputs",
+                          R.Contraction(neuron=(0,), fan_in=tuple(range(1, len(src.shape or (1,)))), role="embedding"))
+                return self._plain(out_shape, True)
+            return self._view(op, src, args, kwargs, out_shape)
+        if op in R.REDUCTIONS:
+            return self._reduce(derived[0], args, kwargs, out_shape)
+
+        # elementwise maths
+        if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY | R.CONCATS:
+            if has_act:
+                for i, val in enumerate(args):
+                    for v in _flat(val):
+                        if isinstance(v, Derived):
+                            role_op = op
+                            if op in ("addcmul", "addcdiv") and i > 0:
+                                role_op = "addcmul_factor"
+                            self.emit(v, R.affine_role(role_op, v.shape or ()), op, f"{op} with activations")
+                return self._plain(out_shape, True)
+            if op in R.CONCATS:
+                return self._concat(op, derived, args, kwargs, out_shape)
+            return self._elementwise_params(op, derived, out_shape)
+
+        # no rule: say so, never guess
+        for v in derived:
+            self.emit(v, "free", op, f"consumed by '{op}', which has no rule")
+        return self._plain(out_shape, has_act)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _plain(self, out_shape, act: bool):
+        if isinstance(out_shape, list):
+            return [Act(s) if act else Const(s) for s in out_shape]
+        return Act(out_shape) if act else Const(out_shape)
+
+    def _contract(self, val: Derived, rule: R.Contraction, op: str, has_act: bool, argname: str):
+        if op in ("linear",) and argname == "input" or (R.re.fullmatch(r"conv(_transpose)?[123]d", op) and argname == "input"):
+            # a parameter fed where data goes: a learned input (queries, latents), not weights
+            self.emit(val, "additive", op, f"fed to {op} as its input (a learned input, not a weight)")
+            return
+        self.emit(val, rule.role, op, f"{argname} of {op}", rule)
+
+    def _elementwise(self, ds: list[Derived], out_shape) -> Derived | Act:
+        nd = len(out_shape) if out_shape is not None else max(len(d.shape or ()) for d in ds)
+        origins, removed = {}, {}
+        for d in ds:
+            origins = _merge(origins, _broadcast_origins(d, nd))
+            for p, r in d.removed.items():
+                removed[p] = removed.get(p, frozenset()) | r
+        return Derived(tuple(out_shape) if out_shape is not None else None, origins, removed)
+
+    def _elementwise_params(self, op: str, ds: list[Derived], out_shape):
+        """Parameters combined with each other or constants (no activation): the result still
+        carries them. A multiplier that broadcasts against another parameter is a gain."""
+        if op in R.MULTIPLICATIVE and len(ds) == 2 and ds[0].shape and ds[1].shape:
+            a, b = ds
+            small = _broadcast_smaller(a.shape, b.shape)
+            if small is not None:
+                g, w = (a, b) if small == 0 else (b, a)
+                self.emit(g, "gain", op, "multiplies another parameter by broadcasting")
+                return self._elementwise([w], out_shape)
+        return self._elementwise(ds, out_shape)
+
+    def _concat(self, op, ds, args, kwargs, out_shape):
+        seq = args[0] if args else kwargs.get("tensors", ())
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if op != "cat":
+            for d in ds:
+                self.emit(d, "free", op, f"stacked by {op} without activations (no rule)")
+            return self._plain(out_shape, False)
+        nd = len(out_shape) if out_shape is not None else max(len(d.shape or ()) for d in ds)
+        parts = [v for v in seq if isinstance(v, Derived)]
+        return self._elementwise(parts, out_shape) if isinstance(dim, int) and nd else self._plain(out_shape, False)
+
+    def _reduce(self, d: Derived, args, kwargs, out_shape):
+        if d.shape is None:
+            return Const(out_shape)
+        nd = len(d.shape)
+        dim = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get("dim")
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+        if dim is None:
+            dims = set(range(nd))
+        else:
+            dims = {x % nd for x in (dim if isinstance(dim, (list, tuple)) else [dim]) if isinstance(x, int)}
+        origins = {}
+        for p, org in d.origins.items():
+            origins[p] = tuple(frozenset() if i in dims else o for i, o in enumerate(org) if keep or i not in dims)
+        return Derived(tuple(out_shape) if isinstance(out_shape, tuple) else None, origins, dict(d.removed))
+
+    def _view(self, op, src: Derived, args, kwargs, out_shape):
+        ins = src.shape
+        if isinstance(out_shape, list):  # splits: several outputs
+            outs = []
+            for s in out_shape:
+                outs.append(self._view_one(op, src, ins, s, args, kwargs))
+            return outs
+        return self._view_one(op, src, ins, out_shape, args, kwargs)
+
+    def _view_one(self, op, src: Derived, ins, outs, args, kwargs):
+        new = _map_view(op, src, ins, outs, args, kwargs)
+        if new is None:
+            self.emit(src, "free", op, f"could not follow dims through '{op}' (shapes unknown)")
+            return Const(outs)
+        return new
+
+
+def _broadcast_smaller(a, b) -> int | None:
+    """0 if ``a`` broadcasts up to ``b`` (a size-1 or missing dim where b has more), 1 for the
+    reverse, None if neither or both."""
+    nd = max(len(a), len(b))
+    a2, b2 = (1,) * (nd - len(a)) + tuple(a), (1,) * (nd - len(b)) + tuple(b)
+    a_small = any(x == 1 and y > 1 for x, y in zip(a2, b2))
+    b_small = any(y == 1 and x > 1 for x, y in zip(a2, b2))
+    if a_small and not b_small:
+        return 0
+    if b_small and not a_small:
+        return 1
+    return None
+
+
+def _index_is_act(args, kwargs) -> bool:
+    return any(isinstance(v, Act) for v in _flat((args[1:], kwargs)))
+
+
+def _ints(x):
+    if isinstance(x, (list, tuple)) and len(x) == 1 and isinstance(x[0], (list, tuple)):
+        x = x[0]
+    return [v for v in x] if isinstance(x, (list, tuple)) else [x]
+
+
+def _map_view(op, src: Derived, ins, outs, args, kwargs) -> Derived | None:
+    """Map each output dim of a view op to the parameter dims feeding it."""
+    if ins is None:
+        return None
+    nd = len(ins)
+    rem = dict(src.removed)
+
+    def perm(order):
+        return Derived(tuple(outs) if outs else tuple(ins[i] for i in order),
+                       {p: tuple(org[i] for i in order) for p, org in src.origins.items()}, rem)
+
+    if op in R.IDENTITY:
+        return Derived(ins, dict(src.origins), rem)
+    if op in ("T", "adjoint") or (op == "t" and nd == 2):
+        return perm(list(reversed(range(nd))) if op == "T" else list(range(nd - 2)) + [nd - 1, nd - 2])
+    if op == "t":
+        return Derived(ins, dict(src.origins), rem)
+    if op in ("mT", "mH", "H"):
+        return perm(list(range(nd - 2)) + [nd - 1, nd - 2])
+    if op == "transpose":
+        a = args[1] if len(args) > 1 else kwargs.get("dim0")
+        b = args[2] if len(args) > 2 else kwargs.get("dim1")
+        if not isinstance(a, int) or not isinstance(b, int):
+            return None
+        order = list(range(nd))
+        order[a % nd], order[b % nd] = order[b % nd], order[a % nd]
+        return perm(order)
+    if op == "permute":
+        order = _ints(args[1:] if len(args) > 1 else kwargs.get("dims"))
+        if not all(isinstance(o, int) for o in order) or len(order) != nd:
+            return None
+        return perm([o % nd for o in order])
+    if op == "movedim":
+        if outs is None:
+            return None
+        s = _ints(args[1] if len(args) > 1 else kwargs.get("source"))
+        d = _ints(args[2] if len(args) > 2 else kwargs.get("destination"))
+        if not all(isinstance(o, int) for o in s + d):
+            return None
+        order = [None] * nd
+        for a, b in zip(s, d):
+            order[b % nd] = a % nd
+        rest = iter(i for i in range(nd) if i not in {a % nd for a in s})
+        order = [o if o is not None else next(rest) for o in order]
+        return perm(order)
+    if outs is None and op in ("expand", "repeat", "tile", "unsqueeze"):
+        # the number of output dims is known from the arguments even when the sizes are not
+        n_out = nd + 1 if op == "unsqueeze" else max(nd, len(_ints(args[1:] if len(args) > 1 else kwargs.get("size", ()))))
+        outs = (None,) * n_out
+    if outs is None:
+        return None
+    outs = tuple(outs)
+    if op in R.RESHAPES:
+        groups = R.reshape_groups(tuple(ins), outs)
+        if groups is None:
+            return None
+        origins = {}
+        for p, org in src.origins.items():
+            new = [frozenset()] * len(outs)
+            for gs, gd in groups:
+                u = frozenset().union(*[org[i] for i in gs])
+                for j in gd:
+                    new[j] = u
+            origins[p] = tuple(new)
+        return Derived(outs, origins, rem)
+    if op in R.EXPANDS:
+        if op == "squeeze":
+            keep = [i for i in range(nd) if ins[i] != 1]
+            if len(keep) != len(outs):
+                keep = _squeeze_keep(ins, outs)
+                if keep is None:
+                    return None
+            return Derived(outs, {p: tuple(org[i] for i in keep) for p, org in src.origins.items()}, rem)
+        if op == "unsqueeze":
+            d = args[1] if len(args) > 1 else kwargs.get("dim")
+            if not isinstance(d, int):
+                return None
+            d = d % (nd + 1)
+            return Derived(outs, {p: org[:d] + (frozenset(),) + org[d:] for p, org in src.origins.items()}, rem)
+        # expand / repeat / tile / broadcast: right-aligned, new leading dims carry nothing
+        return Derived(outs, _broadcast_origins(src, len(outs)), rem)
+    if op in R.SPLITS:
+        if op == "unbind":
+            d = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if not isinstance(d, int):
+                return None
+            d %= nd
+            return Derived(outs, {p: org[:d] + org[d + 1:] for p, org in src.origins.items()},
+                           {p: rem.get(p, frozenset()) | org[d] for p, org in src.origins.items()})
+        return Derived(outs, dict(src.origins), rem)  # chunk / split keep every dim
+    if op in R.SELECTS:
+        return _map_select(op, src, ins, outs, args, kwargs)
+    return None
+
+
+def _squeeze_keep(ins, outs):
+    keep, j = [], 0
+    for i, s in enumerate(ins):
+        if j < len(outs) and s == outs[j]:
+            keep.append(i)
+            j += 1
+        elif s != 1:
+            return None
+    return keep if j == len(outs) else None
+
+
+def _map_select(op, src: Derived, ins, outs, args, kwargs):
+    nd = len(ins)
+    rem = dict(src.removed)
+    if op in ("select",):
+        d = args[1] if len(args) > 1 else kwargs.get("dim")
+        if not isinstance(d, int):
+            return None
+        d %= nd
+        return Derived(outs, {p: org[:d] + org[d + 1:] for p, org in src.origins.items()},
+                       {p: rem.get(p, frozenset()) | org[d] for p, org in src.origins.items()})
+    if op in ("narrow", "slice", "index_select", "gather", "take_along_dim"):
+        if len(outs) != nd:
+            return None
+        return Derived(outs, dict(src.origins), rem)
+    # getitem / index: parse the index
+    idx = args[1] if len(args) > 1 else kwargs.get("indices")
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if op == "index" and isinstance(idx[0], (list, tuple)):
+        idx = tuple(idx[0])
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    per_dim: list = []
+    for i in idx:
+        if i is Ellipsis:
+            per_dim += [slice(None)] * (nd - n_real)
+        else:
+            per_dim.append(i)
+    per_dim += [slice(None)] * (nd - sum(1 for i in per_dim if i is not None))
+    org_new: dict[str, list] = {p: [] for p in src.origins}
+    removed = {p: set(rem.get(p, frozenset())) for p in src.origins}
+    d = 0
+    tensor_seen = False
+    for i in per_dim:
+        if i is None:
+            for p in org_new:
+                org_new[p].append(frozenset())
+        elif isinstance(i, int) and not isinstance(i, bool):
+            for p, org in src.origins.items():
+                removed[p] |= org[d]
+            d += 1
+        elif isinstance(i, slice):
+            for p, org in src.origins.items():
+                org_new[p].append(org[d])
+            d += 1
+        elif isinstance(i, (Const, Derived)) or hasattr(i, "shape"):
+            # advanced indexing by a constant index tensor (relative-position tables): the
+            # indexed dim is gathered; its positions become whatever dims the index has
+            shp = getattr(i, "shape", None)
+            k = len(shp) if shp is not None else 1
+            for p, org in src.origins.items():
+                removed[p] |= org[d]
+                if not tensor_seen:
+                    org_new[p].extend([frozenset()] * k)
+            tensor_seen = True
+            d += 1
+        else:
+            return None
+    if any(len(o) != len(outs) for o in org_new.values()):
+        return None
+    return Derived(outs, {p: tuple(o) for p, o in org_new.items()}, {p: frozenset(r) for p, r in removed.items()})
+
+
+def _meta_shape(fn: Callable, args, kwargs):
+    """Run ``fn`` on meta stand-ins to learn the output shape when the frontend does not know it."""
+    def conv(v):
+        if isinstance(v, (Derived, Act, Const)):
+            if v.shape is None:
+                raise LookupError
+            return torch.empty(v.shape, device="meta")
+        if isinstance(v, (list, tuple)):
+            return type(v)(conv(x) for x in v)
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if type(v).__name__ == "Node":
+            raise LookupError
+        return v
+
+    try:
+        out = fn(*conv(args), **conv(kwargs))
+    except Exception:
+        return None
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (list, tuple)) and all(isinstance(o, torch.Tensor) for o in out):
+        return [tuple(o.shape) for o in out]
+    return None

@@ -1,0 +1,150 @@
+"""The per-model check that tests, ``nerofy convert`` and ``nerofy zoo`` run.
+
+plan -> verify axes on the plain model -> wrap -> forward -> backward -> a few Nero steps ->
+constraints hold -> nothing non-finite. The first stage that fails names the status (DESIGN §6).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_leaves
+
+from .plan import Plan, make_plan
+from .rewrite import wrap
+from .verify import verify_axes
+
+STATUSES = ("pass", "fail_create", "fail_trace", "fail_plan", "fail_rewrite", "fail_forward", "fail_backward",
+            "fail_step", "fail_constraint", "fail_numerics", "timeout", "oom", "skipped_size")
+
+
+@dataclass
+class CheckResult:
+    status: str = "pass"
+    error: str = ""
+    frontend: str = ""
+    tensors_by_role: dict = field(default_factory=dict)
+    params_by_role: dict = field(default_factory=dict)
+    total_params: int = 0
+    constrained_share: float = 0.0
+    axes: dict = field(default_factory=dict)  # ok / fail / unverified counts
+    axis_failures: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    times: dict = field(default_factory=dict)
+    max_constraint_error: float = 0.0
+    loss: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_loss(out: Any) -> torch.Tensor:
+    """A loss from any output: mean square of every floating tensor in it."""
+    ts = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+    if not ts:
+        raise RuntimeError("the model's output holds no floating tensor that requires grad")
+    return sum(t.float().square().mean() for t in ts)
+
+
+def constraint_error(model: nn.Module, plan: Plan) -> float:
+    """Largest |mean| or |norm - 1| over the constrained neurons of a wrapped model."""
+    worst = 0.0
+    mods = dict(model.named_modules())
+    for e in plan:
+        if e.role != "neuron":
+            continue
+        mname, _, attr = e.name.rpartition(".")
+        w = getattr(mods[mname], attr).detach().float()
+        view, dims = e.layout().neuron_view(w)
+        if e.center:
+            worst = max(worst, float(view.mean(dim=dims).abs().max()))
+        worst = max(worst, float((torch.linalg.vector_norm(view, dim=dims) - 1).abs().max()))
+    return worst
+
+
+def _err(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {msg[:300]}"
+
+
+def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 0.01, verify: bool = True,
+                plan: Plan | None = None, plan_inputs: Any = None, tol: float = 1e-4, loss_fn=default_loss) -> CheckResult:
+    """Run the whole check on ``model`` (modified in place: it ends up wrapped)."""
+    r = CheckResult()
+    t = time.perf_counter()
+    try:
+        plan = plan or make_plan(model, plan_inputs)
+    except Exception as e:
+        r.status, r.error = "fail_plan", _err(e)
+        return r
+    r.times["plan"] = time.perf_counter() - t
+    s = plan.summary()
+    r.frontend, r.tensors_by_role, r.params_by_role = plan.frontend, s["tensors"], s["params"]
+    r.total_params, r.constrained_share, r.warnings = s["total_params"], s["constrained_share"], list(plan.warnings)
+    if plan.frontend == "modules" and any(msg != "ok" for f, msg in plan.attempts if f == "fx"):
+        r.warnings.insert(0, "no graph frontend traced the model")
+
+    if verify:
+        t = time.perf_counter()
+        try:
+            res = verify_axes(model, plan, inputs)
+            r.axes = {k: sum(1 for v in res.values() if v.status == k) for k in ("ok", "fail", "unverified")}
+            r.axis_failures = [f"{v.name}: {v.detail}" for v in res.values() if v.status == "fail"]
+        except Exception as e:
+            r.axes = {"error": _err(e)}
+        r.times["verify"] = time.perf_counter() - t
+        if r.axis_failures:
+            r.status, r.error = "fail_plan", "axis check failed: " + r.axis_failures[0]
+            return r
+
+    t = time.perf_counter()
+    try:
+        model, opt = wrap(model, lr=lr, plan=plan)
+    except Exception as e:
+        r.status, r.error = "fail_rewrite", _err(e)
+        return r
+    r.times["wrap"] = time.perf_counter() - t
+
+    model.train()
+    for i in range(max(1, steps)):
+        t = time.perf_counter()
+        try:
+            loss = loss_fn(model(*inputs))
+        except Exception as e:
+            r.status, r.error = "fail_forward", _err(e)
+            return r
+        r.times.setdefault("forward", time.perf_counter() - t)
+        if not torch.isfinite(loss):
+            r.status, r.error = "fail_numerics", f"loss is {float(loss)} at step {i}"
+            return r
+        r.loss.append(float(loss.detach()))
+        t = time.perf_counter()
+        try:
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except Exception as e:
+            r.status, r.error = "fail_backward", _err(e)
+            return r
+        r.times.setdefault("backward", time.perf_counter() - t)
+        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
+        if bad:
+            r.status, r.error = "fail_numerics", f"non-finite gradient in {bad[:3]}"
+            return r
+        t = time.perf_counter()
+        try:
+            opt.step()
+        except Exception as e:
+            r.status, r.error = "fail_step", _err(e)
+            return r
+        r.times.setdefault("step", time.perf_counter() - t)
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        r.status, r.error = "fail_numerics", f"non-finite parameters after {steps} steps: {bad[:3]}"
+        return r
+    r.max_constraint_error = constraint_error(model, plan)
+    if r.max_constraint_error > tol:
+        r.status, r.error = "fail_constraint", f"constraint error {r.max_constraint_error:.2e} > {tol:g}"
+    return r

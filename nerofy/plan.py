@@ -1,0 +1,333 @@
+"""The plan: one role per trainable parameter, with its neuron axes and the reason.
+
+Roles (DESIGN §2):
+
+============ ================================================ =========================== ================
+role         what                                             constraint                  optimizer state
+============ ================================================ =========================== ================
+neuron       contracted with inputs (linear, conv, matmul...) zero-mean, unit-norm/neuron one per neuron
+embedding    lookup-table rows                                none (a deliberate choice)  one per row
+gain         multiplies activations (norm weights, scales)    none                        one per element
+bias         added, one non-trivial dim                       none                        one per element
+additive     added/concatenated: tokens, position tables      none                        one per element
+free         user override or a documented fallback           none                        one per element
+frozen       requires_grad=False                              untouched                   none
+============ ================================================ =========================== ================
+
+Embedding rows are *not* constrained: a unit-norm row fixes every token vector's length, which
+changes what the layers after it see (position embeddings are added at their own scale). Each row
+still gets Nero's per-row adaptive step, scaled by the table's mean row norm.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from torch import nn
+
+from .analysis import Finding
+from .layout import ELEMENTWISE, NeuronLayout
+from .trace import FRONTENDS, Trace, trace
+
+log = logging.getLogger("nerofy")
+
+ROLES = ("neuron", "embedding", "gain", "bias", "additive", "free", "frozen")
+# how to resolve several uses of one parameter: the first role in this order wins
+_PRIORITY = {r: i for i, r in enumerate(("neuron", "embedding", "additive", "gain", "bias", "free"))}
+
+
+@dataclass
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    role: str
+    axes: tuple[int, ...] | None = None
+    split_axis: int | None = None
+    groups: int = 1
+    center: bool = True
+    fan_in: int | None = None
+    op: str = ""
+    frontend: str = ""
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+    overridden: bool = False
+
+    @property
+    def constrained(self) -> bool:
+        return self.role == "neuron"
+
+    def layout(self) -> NeuronLayout | None:
+        """The optimizer layout (None for frozen parameters)."""
+        if self.role == "frozen":
+            return None
+        if self.role == "neuron":
+            return NeuronLayout(self.axes, self.split_axis, self.groups, center=self.center)
+        if self.role == "embedding":
+            return NeuronLayout(self.axes, center=False, normalize=False)
+        return ELEMENTWISE
+
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+class Plan:
+    """An inspectable, overridable plan. Iterate for entries; ``plan["name"]`` for one."""
+
+    def __init__(self, entries: list[Entry], frontend: str = "", attempts: list | None = None,
+                 warnings: list[str] | None = None):
+        self.entries: dict[str, Entry] = {e.name: e for e in entries}
+        self.frontend = frontend
+        self.attempts = list(attempts or [])
+        self.warnings = list(warnings or [])
+
+    # ---- access ----------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(self.entries.values())
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, name: str) -> Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise KeyError(_no_match(name, self.entries)) from None
+
+    def summary(self) -> dict:
+        """Counts and parameter numbers by role, and the share of parameters constrained."""
+        counts = {r: 0 for r in ROLES}
+        numels = {r: 0 for r in ROLES}
+        for e in self:
+            counts[e.role] += 1
+            numels[e.role] += e.numel()
+        total = sum(numels.values())
+        trainable = total - numels["frozen"]
+        return {
+            "tensors": counts,
+            "params": numels,
+            "total_params": total,
+            "constrained_share": (numels["neuron"] / trainable) if trainable else 0.0,
+            "frontend": self.frontend,
+            "warnings": len(self.warnings),
+        }
+
+    # ---- overrides ---------------------------------------------------------------------------
+    def override(self, pattern: str, role: str | None = None, axis: int | tuple[int, ...] | None = None,
+                 center: bool | None = None) -> list[str]:
+        """Change the role, neuron axes or centring of every parameter whose name matches
+        ``pattern`` (exact name or glob). Returns the names changed."""
+        if role is not None and role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; choose from {', '.join(ROLES)}")
+        names = [n for n in self.entries if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+        if not names:
+            raise ValueError(_no_match(pattern, self.entries))
+        for n in names:
+            e = self.entries[n]
+            new_role = role or e.role
+            axes = e.axes
+            if axis is not None:
+                axes = (axis,) if isinstance(axis, int) else tuple(axis)
+                nd = len(e.shape)
+                if any(not -nd <= a < nd for a in axes):
+                    raise ValueError(f"axis {axis} is out of range for {n} of shape {e.shape}")
+                axes = tuple(sorted(a % nd for a in axes))
+            if new_role in ("neuron", "embedding") and axes is None:
+                axes = (0,)
+            e.role, e.axes, e.overridden = new_role, axes if new_role in ("neuron", "embedding") else None, True
+            if new_role not in ("neuron",):
+                e.split_axis, e.groups = None, 1
+            if axis is not None:
+                e.split_axis, e.groups = None, 1
+            if center is not None:
+                e.center = bool(center)
+            if e.role == "neuron":
+                lay = e.layout()
+                lay.check(e.shape)
+                e.fan_in = lay.fan_in(e.shape)
+                if e.fan_in <= 1:
+                    raise ValueError(f"{n}: fan-in 1 along axes {e.axes}; a balanced neuron would be +-1. "
+                                     "Use role='gain' instead.")
+            e.reason = f"override: role={e.role}" + (f", axes={e.axes}" if e.axes else "")
+        return names
+
+    # ---- rendering ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "frontend": self.frontend,
+            "attempts": [list(a) for a in self.attempts],
+            "warnings": self.warnings,
+            "summary": self.summary(),
+            "entries": [dict(asdict(e), shape=list(e.shape), axes=list(e.axes) if e.axes is not None else None)
+                        for e in self],
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        entries = []
+        for e in d["entries"]:
+            e = dict(e)
+            e["shape"] = tuple(e["shape"])
+            e["axes"] = tuple(e["axes"]) if e.get("axes") is not None else None
+            entries.append(Entry(**e))
+        return cls(entries, d.get("frontend", ""), [tuple(a) for a in d.get("attempts", [])], d.get("warnings", []))
+
+    def rows(self) -> list[tuple[str, ...]]:
+        out = []
+        for e in self:
+            axes = "" if e.axes is None else ",".join(map(str, e.axes))
+            if e.groups > 1:
+                axes += f" +{e.groups}g(ax{e.split_axis})"
+            out.append((e.name, "x".join(map(str, e.shape)) or "scalar", e.role, axes,
+                        "" if e.fan_in is None else str(e.fan_in), "yes" if e.role == "neuron" and e.center else "",
+                        e.op, e.frontend, e.reason))
+        return out
+
+    HEADER = ("name", "shape", "role", "axes", "fan-in", "centred", "op", "frontend", "reason")
+
+    def table(self, max_reason: int = 60) -> str:
+        rows = [self.HEADER] + [r[:-1] + (r[-1][:max_reason],) for r in self.rows()]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(self.HEADER))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        s = self.summary()
+        lines.append("")
+        lines.append(f"frontend: {self.frontend}; constrained: {s['constrained_share']:.1%} of trainable parameters; "
+                     + ", ".join(f"{r}: {c}" for r, c in s["tensors"].items() if c))
+        for w in self.warnings:
+            lines.append(f"warning: {w}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return f"Plan({len(self)} parameters, frontend={self.frontend!r}, constrained={s['constrained_share']:.1%})"
+
+
+def _no_match(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See plan.entries for the names."
+    return f"no parameter matches {name!r}.{hint}"
+
+
+# ---------------------------------------------------------------------------------------------
+# building a plan
+# ---------------------------------------------------------------------------------------------
+def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] = FRONTENDS) -> Plan:
+    """Trace ``model`` and give every parameter a role (see :func:`nerofy.plan`)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"nerofy.plan needs a torch.nn.Module, got {type(model).__name__}")
+    params = dict(model.named_parameters())
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameters: nothing for nerofy to do")
+    if not any(p.requires_grad for p in params.values()):
+        raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
+    if example_inputs is not None:
+        _check_inputs(model, example_inputs)
+    tr = trace(model, example_inputs, frontends)
+    entries, warnings = [], []
+    for name, p in params.items():
+        e = _resolve(name, tuple(p.shape), tr.findings.get(name, []))
+        if not p.requires_grad:
+            e.reason = f"requires_grad=False (would be {e.role})"
+            e.role, e.warnings = "frozen", []
+        entries.append(e)
+        warnings += [f"{name}: {w}" for w in e.warnings]
+    fallback = [e.name for e in entries if e.frontend == "modules" and e.role != "frozen"]
+    unplaced = [e.name for e in entries if e.frontend == "" and e.role != "frozen"]
+    failed = [f"{f} ({msg})" for f, msg in tr.attempts if msg != "ok" and f != "note"]
+    if fallback and tr.frontend != "modules":
+        warnings.append(f"{len(fallback)} parameters not reached by the {tr.frontend} trace were placed by module "
+                        f"rules: {_names(fallback)}")
+    if tr.frontend == "modules" and fallback:
+        warnings.insert(0, "no frontend traced the model" + (f" [{'; '.join(failed)}]" if failed else "")
+                        + f"; {len(fallback)} parameters placed by module rules: {_names(fallback)}")
+    if unplaced:
+        warnings.append(f"{len(unplaced)} parameters had no rule anywhere and stay unconstrained ('free'): "
+                        f"{_names(unplaced)}")
+    for w in warnings[:1] if tr.frontend == "modules" else []:
+        log.warning("nerofy: %s", w)
+    notes = [msg for f, msg in tr.attempts if f == "note"]
+    warnings += notes
+    return Plan(entries, tr.frontend, tr.attempts, warnings)
+
+
+def _names(ns: list[str], n: int = 8) -> str:
+    return ", ".join(ns[:n]) + (f" and {len(ns) - n} more" if len(ns) > n else "")
+
+
+def _check_inputs(model: nn.Module, example_inputs) -> None:
+    """Example inputs must run through the model (on meta); one clear error if they do not."""
+    from .trace import meta_copy, to_meta
+
+    try:
+        meta = meta_copy(model)
+    except Exception:
+        return
+    args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    try:
+        import torch
+
+        with torch.no_grad():
+            meta(*to_meta(args))
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]
+        raise ValueError(f"example_inputs of shapes {shapes} do not fit {type(model).__name__}: "
+                         f"{type(e).__name__}: {msg[:200]}. Pass inputs the model's forward accepts.") from e
+
+
+def _key(f: Finding):
+    return (f.role, f.axes, f.split_axis, f.groups)
+
+
+def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entry:
+    """Merge the uses of one parameter into one entry, deterministically."""
+    if not findings:
+        return Entry(name, shape, "free", reason="no frontend reached it and no module rule knows it",
+                     warnings=["no rule: left unconstrained (free)"])
+    ranked = sorted(findings, key=lambda f: _PRIORITY.get(f.role, 99))  # stable: graph order within a role
+    best = ranked[0]
+    e = Entry(name, shape, best.role, best.axes, best.split_axis, best.groups, op=best.op,
+              frontend=best.frontend, reason=best.reason)
+    roles = {f.role for f in findings}
+    same_role = [f for f in findings if f.role == best.role]
+    layouts = {_key(f) for f in same_role}
+    if len(layouts) > 1:
+        alts = "; ".join(sorted({f"axes {f.axes} by {f.op}" for f in same_role}))
+        e.warnings.append(f"uses disagree on the neuron axes ({alts}); chose axes {best.axes} ({best.op}, first use)")
+    others = sorted(roles - {best.role})
+    if others:
+        if best.role == "neuron" and others == ["embedding"] and \
+                all(f.axes == best.axes for f in findings if f.role == "embedding"):
+            e.reason += "; tied with an embedding along the same axis"
+        elif set(others) <= {"free"}:
+            why = "; ".join(sorted({f.reason for f in findings if f.role == "free"}))
+            e.warnings.append(f"also used where no rule applies ({why}); kept role {best.role}")
+        else:
+            e.warnings.append(f"also used as {', '.join(others)}; chose {best.role} (priority order)")
+    if e.role in ("neuron", "embedding"):
+        lay = NeuronLayout(e.axes, e.split_axis, e.groups)
+        try:
+            lay.check(shape)
+        except ValueError as err:
+            e.role, e.axes, e.reason = "free", None, f"found layout does not fit: {err}"
+            e.warnings.append(e.reason)
+            return e
+        e.fan_in = lay.fan_in(shape)
+        if e.fan_in <= 1:
+            e.reason = (f"fan-in 1 ({e.reason}): a balanced neuron could only be +-1, so it is a per-element gain")
+            e.role, e.axes, e.split_axis, e.groups = "gain", None, None, 1
+    return e

@@ -1,0 +1,145 @@
+"""Apply a plan: balanced parametrizations in place, a matching Nero, and the way back (bake)."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .balanced import Balanced, balance, is_balanced
+from .layout import ELEMENTWISE, NeuronLayout
+from .optim import Nero
+from .plan import Plan, make_plan
+
+log = logging.getLogger("nerofy")
+
+_PLAN_ATTR = "_nerofy_plan"
+_HOOK_ATTR = "_nerofy_load_hook"
+
+
+def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Every (module, attribute) holding each parameter: tied weights have several."""
+    out: dict[int, list] = defaultdict(list)
+    for m in model.modules():
+        for n, p in m._parameters.items():
+            if p is not None:
+                out[id(p)].append((m, n))
+    return out
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return hasattr(model, _PLAN_ATTR) or any(
+        parametrize.is_parametrized(m) and is_balanced(m) for m in model.modules())
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> dict[str, nn.Parameter]:
+    """Register the plan's balanced parametrizations in place. Returns name -> the tensor the
+    optimizer must update (``parametrizations.<attr>.original`` for constrained ones)."""
+    params = dict(model.named_parameters())
+    missing = [e.name for e in plan if e.name not in params]
+    if missing:
+        raise ValueError(f"the plan names parameters this model does not have: {missing[:5]}; "
+                         "was it made for another model? Build it with nerofy.plan(model).")
+    for e in plan:
+        if tuple(params[e.name].shape) != tuple(e.shape):
+            raise ValueError(f"{e.name}: plan shape {e.shape} != model shape {tuple(params[e.name].shape)}")
+    aliases = _aliases(model)
+    targets = {}
+    for e in plan:
+        p = params[e.name]
+        if e.role != "neuron":
+            targets[e.name] = p
+            continue
+        lay = e.layout()
+        for mod, attr in aliases[id(p)]:
+            balance(mod, attr, lay)
+        mod, attr = aliases[id(p)][0]
+        targets[e.name] = mod.parametrizations[attr].original
+    return targets
+
+
+def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_inputs=None, **nero_options):
+    """Plan (unless given), rewrite ``model`` in place as a balanced network, and return
+    ``(model, optimizer)`` with a :class:`Nero` whose param groups match the plan.
+
+    Wrapping an already wrapped model raises ValueError (constraints never stack). Frozen
+    parameters are left alone and are not given to the optimizer; unfreezing one later needs a new
+    optimizer (or ``optimizer.add_param_group``).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"nerofy.wrap needs a torch.nn.Module, got {type(model).__name__}")
+    if is_wrapped(model):
+        raise ValueError(f"{type(model).__name__} is already wrapped by nerofy; wrapping twice would stack "
+                         "constraints. Use the optimizer you got the first time, or nerofy.bake(model) first.")
+    if plan is None:
+        plan = make_plan(model, example_inputs)
+    for w in plan.warnings:
+        log.warning("nerofy: %s", w)
+    targets = apply_plan(model, plan)
+    groups: dict[NeuronLayout, list] = defaultdict(list)
+    for e in plan:
+        lay = e.layout()
+        if lay is None:
+            continue
+        groups[lay].append(targets[e.name])
+    _install_hooks(model)
+    object.__setattr__(model, _PLAN_ATTR, plan)
+    opt = Nero([{"params": ps, "layout": lay} for lay, ps in groups.items()], lr=lr, **nero_options)
+    return model, opt
+
+
+def _install_hooks(model: nn.Module) -> None:
+    """Let plain checkpoints (``weight`` keys) load into the wrapped model (projected)."""
+    def pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        projected = 0
+        for mname, m in model.named_modules():
+            if not parametrize.is_parametrized(m):
+                continue
+            for attr, plist in m.parametrizations.items():
+                if not any(isinstance(pz, Balanced) for pz in plist):
+                    continue
+                base = f"{prefix}{mname}." if mname else prefix
+                plain, orig = f"{base}{attr}", f"{base}parametrizations.{attr}.original"
+                if plain in state_dict and orig not in state_dict:
+                    w = state_dict.pop(plain)
+                    with torch.no_grad():
+                        for pz in reversed(list(plist)):
+                            w = pz.right_inverse(w)
+                    state_dict[orig] = w
+                    projected += 1
+        if projected:
+            log.info("nerofy: loaded %d plain weights into a wrapped model; they were projected onto the "
+                     "balanced set, which changes the function unless they were balanced already", projected)
+
+    handle = model._register_load_state_dict_pre_hook(pre_hook, with_module=True)
+    object.__setattr__(model, _HOOK_ATTR, handle)
+
+
+def bake(model: nn.Module) -> nn.Module:
+    """Remove nerofy's parametrizations in place, leaving plain parameters (original names) that
+    hold the balanced weights: the outputs stay identical. Returns the model."""
+    done = 0
+    for m in model.modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for attr in list(m.parametrizations.keys()):
+            if any(isinstance(pz, Balanced) for pz in m.parametrizations[attr]):
+                parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
+                done += 1
+    for attr in (_PLAN_ATTR, _HOOK_ATTR):
+        if hasattr(model, attr):
+            if attr == _HOOK_ATTR:
+                getattr(model, attr).remove()
+            object.__delattr__(model, attr)
+    if not done:
+        log.info("nerofy.bake: %s had no nerofy parametrizations", type(model).__name__)
+    return model
+
+
+def wrapped_plan(model: nn.Module) -> Plan | None:
+    return getattr(model, _PLAN_ATTR, None)
+
+
+__all__ = ["wrap", "bake", "apply_plan", "is_wrapped", "ELEMENTWISE"]

@@ -1,0 +1,327 @@
+"""The op rule table: what each op does with a tensor derived from a parameter, as data.
+
+Every frontend (fx, the function-mode recorder, torch.export) reduces a call to a *canonical op
+name* (``"linear"``, ``"conv_transpose2d"``, ``"matmul"``, ``"view"`` ...) and named arguments. This
+module says, for that op and the argument a parameter flows into, one of:
+
+* a **contraction** rule: which of that argument's dims are neuron dims (they survive into the
+  output) and which are fan-in (contracted) — role ``neuron`` (``embedding`` for lookups);
+* an **affine** role: ``gain`` (multiplies activations), ``bias`` (added, one non-trivial dim),
+  ``additive`` (added or concatenated: tokens, position embeddings, relative-position tables);
+* a **view**: the output is the same values re-arranged; the analyzer maps dims through it;
+* **elementwise**: the output is computed elementwise from the argument (exp, sigmoid, scaling by a
+  constant, weight standardisation ...), so dims map one to one after broadcasting.
+
+Nothing here looks at a model: the rules come from what the ops compute.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------------------
+# canonical names
+# ---------------------------------------------------------------------------------------------
+_ALIASES = {
+    "truediv": "div", "floordiv": "div", "true_divide": "div", "divide": "div", "multiply": "mul",
+    "subtract": "sub", "rsub": "sub", "radd": "add", "rmul": "mul", "rtruediv": "div", "rdiv": "div",
+    "iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "div", "swapaxes": "transpose",
+    "swapdims": "transpose", "concat": "cat", "concatenate": "cat", "clip": "clamp",
+    "_unsafe_view": "view", "unsafe_view": "view", "moveaxis": "movedim", "conv_transpose": "conv_transpose",
+    "scaled_dot_product_attention": "sdpa", "_scaled_dot_product_attention": "sdpa",
+    "linalg_vector_norm": "vector_norm", "alias": "identity", "detach": "identity", "lift_fresh_copy": "identity",
+    "_to_copy": "to", "clone": "identity", "contiguous": "identity", "to": "identity", "type_as": "identity",
+    "float": "identity", "half": "identity", "bfloat16": "identity", "double": "identity", "type": "identity",
+    "cuda": "identity", "cpu": "identity", "requires_grad_": "identity", "native_layer_norm": "layer_norm",
+    "_native_batch_norm_legit_no_training": "aten_batch_norm", "_native_batch_norm_legit": "aten_batch_norm",
+    "_native_batch_norm_legit_functional": "aten_batch_norm", "native_batch_norm": "aten_batch_norm",
+    "native_group_norm": "aten_group_norm", "rmatmul": "rmatmul",
+}
+
+
+def canonical(name: str) -> str:
+    """``"__rmatmul__"`` -> ``"rmatmul"``, ``"add_"`` -> ``"add"``, ``"linear.default"`` -> ``"linear"``."""
+    base = name.split(".")[0]
+    stripped = base.strip("_")
+    if base.endswith("_") and not base.startswith("_"):
+        stripped = base[:-1]  # in-place method: add_ -> add
+    if stripped.startswith("r") and stripped[1:] in ("matmul",):
+        return "rmatmul"
+    key = stripped if stripped in _ALIASES else base
+    return _ALIASES.get(key, stripped)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument names, so that rules can name arguments whatever the call style
+# ---------------------------------------------------------------------------------------------
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "linear": ("input", "weight", "bias"),
+    "bilinear": ("input1", "input2", "weight", "bias"),
+    **{f"conv{d}d": ("input", "weight", "bias", "stride", "padding", "dilation", "groups") for d in (1, 2, 3)},
+    **{f"conv_transpose{d}d": ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+       for d in (1, 2, 3)},
+    "convolution": ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
+    "_convolution": ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups"),
+    "matmul": ("input", "other"), "mm": ("input", "mat2"), "bmm": ("input", "mat2"), "mv": ("input", "vec"),
+    "rmatmul": ("other", "input"),  # rmatmul(self, other) computes other @ self
+    "dot": ("input", "other"), "inner": ("input", "other"), "outer": ("input", "vec2"),
+    "addmm": ("bias", "input", "mat2"), "baddbmm": ("bias", "input", "mat2"), "addbmm": ("bias", "input", "mat2"),
+    "addmv": ("bias", "input", "vec"),
+    "embedding": ("input", "weight"), "aten_embedding": ("weight", "input"),
+    "embedding_bag": ("input", "weight"),
+    "layer_norm": ("input", "normalized_shape", "weight", "bias", "eps"),
+    "rms_norm": ("input", "normalized_shape", "weight", "eps"),
+    "group_norm": ("input", "num_groups", "weight", "bias", "eps"),
+    "aten_group_norm": ("input", "weight", "bias"),
+    "batch_norm": ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    "instance_norm": ("input", "running_mean", "running_var", "weight", "bias"),
+    "aten_batch_norm": ("input", "weight", "bias", "running_mean", "running_var"),
+    "aten_instance_norm": ("input", "weight", "bias", "running_mean", "running_var"),
+    "prelu": ("input", "weight"),
+    "addcmul": ("input", "tensor1", "tensor2"), "addcdiv": ("input", "tensor1", "tensor2"),
+    "lerp": ("input", "end", "weight"),
+    "sdpa": ("query", "key", "value", "attn_mask"),
+    "einsum": ("equation",),
+}
+
+# aten ops whose argument order differs from torch.nn.functional's: renamed by the export frontend
+ATEN_RENAMES = {"embedding": "aten_embedding", "batch_norm": "aten_batch_norm", "instance_norm": "aten_instance_norm",
+                "group_norm": "aten_group_norm"}
+
+
+def bind(op: str, args: tuple, kwargs: dict) -> dict:
+    """Name the arguments of a call by the op's signature (unknown ops: arg0, arg1, ...)."""
+    names = SIGNATURES.get(op, ())
+    out = {}
+    for i, a in enumerate(args):
+        out[names[i] if i < len(names) else f"arg{i}"] = a
+    out.update(kwargs)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# op classes
+# ---------------------------------------------------------------------------------------------
+NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "aten_batch_norm",
+         "aten_instance_norm", "aten_group_norm"}
+
+# view ops: output values are input values re-arranged (dims mapped by the analyzer)
+PERMUTES = {"t", "T", "mT", "H", "mH", "transpose", "permute", "movedim", "adjoint"}
+RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "ravel"}
+EXPANDS = {"expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "repeat", "tile", "atleast_2d", "atleast_3d"}
+SPLITS = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes", "unsafe_split", "unsafe_chunk"}
+SELECTS = {"getitem", "select", "narrow", "slice", "index_select", "index", "gather", "take_along_dim"}
+IDENTITY = {"identity"}
+
+# elementwise ops: dims map one to one after broadcasting
+ELEMENTWISE_UNARY = {
+    "exp", "exp2", "expm1", "log", "log2", "log10", "log1p", "sigmoid", "tanh", "relu", "relu6", "gelu", "silu", "elu",
+    "softplus", "neg", "abs", "sqrt", "rsqrt", "square", "pow", "clamp", "clamp_min", "clamp_max", "sign",
+    "reciprocal", "sin", "cos", "softsign", "hardtanh", "hardsigmoid", "hardswish", "mish", "leaky_relu", "logsigmoid",
+    "erf", "round", "floor", "ceil", "trunc", "frac", "nan_to_num", "sgn", "tanhshrink", "softshrink", "threshold",
+    "celu", "selu", "glu", "dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
+    "softmax", "log_softmax", "normalize", "roll", "flip", "fliplr", "flipud", "pad", "interpolate", "upsample",
+    "cumsum", "cumprod", "logit", "float_power", "positive", "masked_fill", "where", "triu", "tril", "fill_diagonal",
+    "softmin", "native_dropout", "constant_pad_nd", "upsample_bilinear2d", "upsample_bicubic2d",
+    "upsample_nearest2d", "grid_sample", "rot90",
+}
+ELEMENTWISE_BINARY = {"mul", "div", "add", "sub", "maximum", "minimum", "pow", "fmod", "remainder", "atan2", "hypot",
+                      "copysign", "lerp", "addcmul", "addcdiv"}
+MULTIPLICATIVE = {"mul", "div"}
+ADDITIVE_OPS = {"add", "sub"}
+CONCATS = {"cat", "stack", "hstack", "vstack", "dstack", "column_stack"}
+# reductions over some dims of a derived tensor (weight standardisation computes these)
+REDUCTIONS = {"mean", "sum", "std", "var", "norm", "vector_norm", "amax", "amin", "max", "min", "std_mean",
+              "var_mean", "logsumexp", "prod", "nansum", "nanmean", "median", "frobenius_norm"}
+# ops that only read shape/dtype or make a tensor "like" the argument: no value flows
+SHAPE_ONLY = {"size", "dim", "ndim", "numel", "shape", "zeros_like", "ones_like", "empty_like", "full_like",
+              "randn_like", "rand_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor",
+              "is_floating_point", "element_size", "dtype", "device", "is_contiguous", "stride",
+              "data_ptr", "nelement", "requires_grad", "is_complex", "storage_offset", "ne", "eq", "isnan",
+              "isinf", "isfinite", "any", "all", "gt", "lt", "ge", "le", "argmax", "argmin", "is_nonzero",
+              "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "empty_strided"}
+
+
+@dataclass(frozen=True)
+class Contraction:
+    """Result of a contraction rule for one argument: dims of that argument."""
+
+    neuron: tuple[int, ...]
+    fan_in: tuple[int, ...]
+    role: str = "neuron"
+    split_axis: int | None = None  # a fan-in dim split into `groups` blocks, each its own neurons
+    groups: int = 1
+
+
+def _nd(shape) -> int:
+    return len(shape)
+
+
+def matmul_operand(shape, side: str, other_ndim: int | None = None) -> Contraction:
+    """``A @ B``: A (..., n, k) contracts its last dim; B (..., k, m) its second-to-last.
+
+    Batch dims and the surviving matrix dim are neuron dims: a stack of per-expert or per-head
+    weight matrices is a stack of independent neuron sets.
+    """
+    nd = _nd(shape)
+    if nd == 1:
+        return Contraction(neuron=(), fan_in=(0,))
+    contracted = nd - 1 if side == "left" else nd - 2
+    return Contraction(neuron=tuple(d for d in range(nd) if d != contracted), fan_in=(contracted,))
+
+
+def conv_weight(shape, groups: int = 1, transposed: bool = False) -> Contraction:
+    """conv: (out, in/g, *k) -> neurons on dim 0. conv_transpose: (in, out/g, *k) -> neurons on dim 1
+    plus the group index of dim 0 (each output channel sees only its group's input channels)."""
+    nd = _nd(shape)
+    if not transposed:
+        return Contraction(neuron=(0,), fan_in=tuple(range(1, nd)))
+    return Contraction(neuron=(1,), fan_in=(0,) + tuple(range(2, nd)),
+                       split_axis=0 if groups > 1 else None, groups=max(1, int(groups)))
+
+
+_EINSUM_RE = re.compile(r"\s+")
+
+
+def einsum_operand(equation: str, index: int, ndim: int) -> Contraction | None:
+    """Neuron dims of operand ``index``: its subscripts that survive into the output.
+
+    Implicit-output equations (no ``->``) keep the subscripts that appear once, sorted; an
+    ellipsis counts as surviving batch dims when the output keeps it.
+    """
+    eq = _EINSUM_RE.sub("", equation)
+    if "->" in eq:
+        lhs, out = eq.split("->")
+    else:
+        lhs = eq
+        letters = [c for c in lhs if c.isalpha()]
+        out = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+        if "..." in lhs:
+            out = "..." + out
+    terms = lhs.split(",")
+    if index >= len(terms):
+        return None
+    term = terms[index]
+    dims: list[str] = []
+    if "..." in term:
+        pre, post = term.split("...")
+        n_ell = ndim - len(pre) - len(post)
+        dims = list(pre) + ["..."] * n_ell + list(post)
+    else:
+        dims = list(term)
+    if len(dims) != ndim:
+        return None
+    neuron, fan_in = [], []
+    for d, s in enumerate(dims):
+        (neuron if (s in out if s != "..." else "..." in out) else fan_in).append(d)
+    if not fan_in:  # nothing contracted: the operand is scaled, not contracted (a gain)
+        return Contraction(neuron=tuple(neuron), fan_in=(), role="gain")
+    return Contraction(neuron=tuple(neuron), fan_in=tuple(fan_in))
+
+
+def contraction(op: str, argname: str, shape: tuple[int, ...], bound: dict, operand_index: int | None = None
+                ) -> Contraction | str | None:
+    """The rule for a parameter-derived tensor of ``shape`` passed as ``argname`` to ``op``.
+
+    Returns a Contraction, an affine role name (``"gain"``, ``"bias"``, ``"additive"``,
+    ``"passthrough"`` for a norm's input), or None when the op has no rule for that argument.
+    """
+    if op in ("linear",):
+        if argname == "weight":
+            return Contraction(neuron=(0,), fan_in=(1,)) if len(shape) == 2 else Contraction((), (0,))
+        if argname == "bias":
+            return "bias"
+        if argname == "input":
+            return matmul_operand(shape, "left")
+    if op == "bilinear":
+        if argname == "weight":
+            return Contraction(neuron=(0,), fan_in=(1, 2))
+        if argname == "bias":
+            return "bias"
+    if re.fullmatch(r"conv[123]d", op):
+        if argname == "weight":
+            return conv_weight(shape)
+        if argname == "bias":
+            return "bias"
+    if re.fullmatch(r"conv_transpose[123]d", op):
+        if argname == "weight":
+            return conv_weight(shape, int(bound.get("groups", 1) or 1), transposed=True)
+        if argname == "bias":
+            return "bias"
+    if op in ("convolution", "_convolution"):
+        if argname == "weight":
+            return conv_weight(shape, int(bound.get("groups", 1) or 1), bool(bound.get("transposed", False)))
+        if argname == "bias":
+            return "bias"
+    if op in ("matmul", "mm", "bmm", "rmatmul", "mv", "dot", "inner"):
+        if argname == "input":
+            return matmul_operand(shape, "left")
+        if argname in ("other", "mat2", "vec"):
+            return matmul_operand(shape, "right")
+    if op in ("addmm", "baddbmm", "addbmm", "addmv"):
+        if argname == "bias":
+            return "bias"
+        if argname == "input":
+            return matmul_operand(shape, "left")
+        if argname in ("mat2", "vec"):
+            return matmul_operand(shape, "right")
+    if op == "einsum" and operand_index is not None:
+        return einsum_operand(bound["equation"], operand_index, len(shape))
+    if op in ("embedding", "aten_embedding", "embedding_bag") and argname == "weight":
+        return Contraction(neuron=(0,), fan_in=tuple(range(1, len(shape))), role="embedding")
+    if op in NORMS:
+        if argname == "input":
+            return "passthrough"
+        if argname == "weight":
+            return "gain"
+        if argname == "bias":
+            return "bias"
+    if op == "prelu" and argname == "weight":
+        return "gain"
+    if op == "sdpa" and argname == "attn_mask":
+        return "additive"
+    return None
+
+
+def affine_role(op: str, shape: tuple[int, ...]) -> str:
+    """Role of a parameter combined elementwise with activations."""
+    if op in MULTIPLICATIVE or op == "addcmul_factor":
+        return "gain"
+    if op in CONCATS:
+        return "additive"
+    nontrivial = sum(1 for s in shape if s != 1)
+    return "bias" if nontrivial <= 1 else "additive"
+
+
+# ---------------------------------------------------------------------------------------------
+# dims through reshapes
+# ---------------------------------------------------------------------------------------------
+def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[list[int], list[int]]] | None:
+    """Pair runs of ``src`` dims with runs of ``dst`` dims of equal product (size-1 dims dropped).
+
+    ``(6, 4) -> (2, 3, 4)`` gives ``[([0], [0, 1]), ([1], [2])]``. None if the sizes do not match.
+    """
+    if math.prod(src) != math.prod(dst):
+        return None
+    s_idx = [i for i, s in enumerate(src) if s != 1]
+    d_idx = [i for i, s in enumerate(dst) if s != 1]
+    groups, i, j = [], 0, 0
+    while i < len(s_idx) and j < len(d_idx):
+        gs, gd = [s_idx[i]], [d_idx[j]]
+        ps, pd = src[s_idx[i]], dst[d_idx[j]]
+        i += 1
+        j += 1
+        while ps != pd:
+            if ps < pd:
+                if i >= len(s_idx):
+                    return None
+                gs.append(s_idx[i]); ps *= src[s_idx[i]]; i += 1
+            else:
+                if j >= len(d_idx):
+                    return None
+                gd.append(d_idx[j]); pd *= dst[d_idx[j]]; j += 1
+        groups.append((gs, gd))
+    if i != len(s_idx) or j != len(d_idx):
+        return None
+    return groups

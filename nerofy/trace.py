@@ -1,0 +1,502 @@
+"""Frontends: see how the computation uses every parameter.
+
+Tried in order, each recorded per parameter in the plan:
+
+1. ``fx``: ``torch.fx`` symbolic trace (timm's leaf modules and autowrapped functions when the model
+   uses timm), with shapes from one forward of the graph on the ``meta`` device when example inputs
+   are known. Leaf modules with module rules (Linear, Conv, LSTM, MultiheadAttention ...) are placed
+   by those; leaves with other parameters get a second look inside by the recorder (``fx+record``).
+2. ``record``: one forward on the ``meta`` device under a ``TorchFunctionMode`` that follows every
+   parameter through every torch function. Cheap and exact for the path it sees; needs inputs.
+3. ``export``: ``torch.export`` (non-strict) on meta inputs, read at the aten level. Slow (seconds),
+   so it comes after the recorder.
+4. ``modules``: module-type rules without any graph.
+
+Everything runs on a ``meta`` copy of the model (no memory, no compute); the model is not touched.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from . import rules as R
+from .analysis import Act, Analyzer, Const, Derived, Finding
+from .modules import module_findings, module_rule
+
+log = logging.getLogger("nerofy")
+
+FRONTENDS = ("fx", "record", "export", "modules")
+# leaf modules whose insides no frontend follows: their parameters are placed by module rules
+_OPAQUE = (nn.MultiheadAttention, nn.RNNBase, nn.RNNCellBase)
+
+
+@dataclass
+class Trace:
+    """What the frontends found: findings per parameter, and how it went."""
+
+    findings: dict[str, list[Finding]] = field(default_factory=dict)
+    frontend: str = ""  # the frontend that placed most parameters
+    attempts: list[tuple[str, str]] = field(default_factory=list)  # (frontend, "ok" | error)
+    unreached: list[str] = field(default_factory=list)  # parameters no forward reached
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def param_table(model: nn.Module) -> tuple[dict[int, str], dict[str, tuple[int, ...]]]:
+    names, shapes = {}, {}
+    for n, p in model.named_parameters():
+        names[id(p)] = n
+        shapes[n] = tuple(p.shape)
+    return names, shapes
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers live on ``meta`` (no memory)."""
+    memo: dict[int, Any] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def to_meta(x: Any) -> Any:
+    return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, x)
+
+
+def _uses_timm(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("timm.") for m in model.modules())
+
+
+def _timm_hooks(model: nn.Module) -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    if not _uses_timm(model):
+        return (), ()
+    try:
+        layers = importlib.import_module("timm.layers")
+        return tuple(layers.get_notrace_modules()), tuple(layers.get_notrace_functions())
+    except Exception as e:  # timm too old or broken: trace without its hints, and say so
+        log.warning("nerofy: timm's fx hints unavailable (%s); tracing without them", e)
+        return (), ()
+
+
+def default_inputs(model: nn.Module) -> tuple | None:
+    """Example inputs a model declares: timm's ``pretrained_cfg['input_size']`` (batch 2)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return (torch.empty((2, *cfg["input_size"]), device="meta"),)
+    return None
+
+
+def _fn_name(func: Any) -> str:
+    name = getattr(func, "__name__", None)
+    if name in ("__get__", "__set__"):
+        owner = getattr(func, "__self__", None)
+        name = getattr(owner, "__name__", name)
+    if name is None:
+        name = getattr(func, "_opname", None) or str(func)
+    return name
+
+
+def _shapes_of(x: Any):
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) for t in x):
+        return [tuple(t.shape) for t in x]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the recorder (TorchFunctionMode)
+# ---------------------------------------------------------------------------------------------
+class _Recorder(TorchFunctionMode):
+    def __init__(self, an: Analyzer):
+        super().__init__()
+        self.an = an
+        self.values: dict[int, tuple[torch.Tensor, Any]] = {}  # id -> (tensor kept alive, value)
+
+    def mark(self, t: torch.Tensor, value: Any) -> None:
+        self.values[id(t)] = (t, value)
+
+    def resolve(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            hit = self.values.get(id(x))
+            if hit is not None and hit[0] is x:
+                return hit[1]
+            return Const(tuple(x.shape))
+        return x
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        op = R.canonical(_fn_name(func))
+        rargs = tree_map(self.resolve, args)
+        rkw = tree_map(self.resolve, kwargs)
+        try:
+            val = self.an.call(op, rargs, rkw, _shapes_of(out))
+        except Exception as e:  # an op the analyzer cannot read must not stop the forward
+            val = Const(None)
+            for v in _iter_derived((rargs, rkw)):
+                self.an.emit(v, "free", op, f"analysis of '{op}' failed: {e}")
+        if isinstance(out, torch.Tensor) and isinstance(val, (Derived, Act, Const)):
+            self.mark(out, val)
+        elif isinstance(out, (list, tuple)) and isinstance(val, list):
+            for o, v in zip(out, val):
+                if isinstance(o, torch.Tensor):
+                    self.mark(o, v)
+        elif isinstance(out, (list, tuple)) and isinstance(val, (Act, Derived)):
+            for o in out:
+                if isinstance(o, torch.Tensor):
+                    self.mark(o, Act(tuple(o.shape)) if isinstance(val, Act) else Const(tuple(o.shape)))
+        return out
+
+
+def _iter_derived(x):
+    from .analysis import _flat
+    return [v for v in _flat(x) if isinstance(v, Derived)]
+
+
+def record(module: nn.Module, args: tuple, kwargs: dict, an: Analyzer, names: dict[int, str],
+           skip: set[str] = frozenset()) -> set[str]:
+    """Run ``module(*args, **kwargs)`` (meta) under the recorder. Returns the parameters it saw."""
+    rec = _Recorder(an)
+    for p in module.parameters():
+        n = names.get(id(p))
+        if n is not None and n not in skip:
+            rec.mark(p, an.source(n))
+        elif n is not None:
+            # placed elsewhere (module rules), but what it computes is a signal, not a constant
+            rec.mark(p, Act(tuple(p.shape)))
+    for t in [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]:
+        rec.mark(t, Act(tuple(t.shape)))
+    before = len(an.findings)
+    with torch.no_grad(), rec:
+        module(*args, **kwargs)
+    return {f.param for f in an.findings[before:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# fx
+# ---------------------------------------------------------------------------------------------
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: tuple[type, ...], autowrap: tuple[Any, ...]):
+        super().__init__(autowrap_functions=autowrap)
+        self._leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self._leaves and isinstance(m, self._leaves):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+class _ShapeInterp(fx.Interpreter):
+    """Runs the graph on meta tensors, keeping every node's output (for shapes) and looking
+    inside leaf modules that module rules do not cover."""
+
+    def __init__(self, gm, inside):
+        super().__init__(gm)
+        self.vals: dict[fx.Node, Any] = {}
+        self.inside = inside  # callback(module path, module, args, kwargs)
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.vals[n] = out
+        return out
+
+    def call_module(self, target, args, kwargs):
+        mod = self.fetch_attr(target)
+        if self.inside is not None and _needs_inside_look(mod):
+            return self.inside(target, mod, args, kwargs)
+        return mod(*args, **kwargs)
+
+
+def _needs_inside_look(mod: nn.Module) -> bool:
+    if isinstance(mod, _OPAQUE):
+        return False
+    for m in mod.modules():
+        for pname, _ in m.named_parameters(recurse=False):
+            if module_rule(m, pname) is None:
+                return True
+    return False
+
+
+def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str], shapes: dict) -> tuple[Analyzer, set[str], list[str]]:
+    """Symbolic trace + analysis. Returns (analyzer, parameters placed, notes)."""
+    notes = []
+    leaves, autowrap = _timm_hooks(meta_model)
+    tracer = _Tracer(leaves, autowrap)
+    graph = tracer.trace(meta_model)
+    gm = fx.GraphModule(tracer.root, graph)
+    an = Analyzer("fx", shapes)
+    inside_an = Analyzer("fx+record", shapes)
+    seen_inside: set[str] = set()
+
+    node_vals: dict[fx.Node, Any] = {}
+    if inputs is not None:
+        def inside(target, mod, args, kwargs):
+            nonlocal seen_inside
+            rule_names = _rule_covered(mod, names)
+            seen_inside |= record(mod, args, kwargs, inside_an, names, skip=rule_names)
+            return mod(*args, **kwargs)
+
+        interp = _ShapeInterp(gm, inside)
+        try:
+            with torch.no_grad():
+                interp.run(*inputs)
+            node_vals = interp.vals
+        except Exception as e:
+            notes.append(f"fx: shapes unknown (a meta forward of the graph failed: {type(e).__name__}: {_short(e)})")
+            node_vals = interp.vals  # shapes up to the failure are still good
+            inside_an.findings.clear()
+            seen_inside = set()
+
+    env: dict[fx.Node, Any] = {}
+    leaf_calls: list[tuple[str, nn.Module]] = []
+
+    def res(a):
+        return fx.node.map_arg(a, lambda n: env.get(n, Const(None)))
+
+    for node in graph.nodes:
+        an.where = node.name
+        shp = _shapes_of(node_vals.get(node)) if node in node_vals else None
+        if node.op == "placeholder":
+            env[node] = Act(shp)
+        elif node.op == "get_attr":
+            obj = _fetch(gm, node.target)
+            if isinstance(obj, torch.Tensor) and id(obj) in names:
+                env[node] = an.source(names[id(obj)])
+            elif isinstance(obj, torch.Tensor):
+                env[node] = Const(tuple(obj.shape))
+            else:
+                env[node] = obj
+        elif node.op in ("call_function", "call_method"):
+            args, kwargs = res(node.args), res(node.kwargs)
+            if node.op == "call_function":
+                fn = node.target
+                name = _fn_name(fn)
+                if fn is getattr and len(args) == 2 and isinstance(args[1], str):
+                    name, args = args[1], (args[0],)
+                    fn = None
+            else:
+                name = node.target
+                fn = getattr(torch.Tensor, node.target, None)
+            op = R.canonical(name)
+            if op == "getitem" and isinstance(args[0], (list, tuple)) and isinstance(args[1], int):
+                env[node] = args[0][args[1]] if -len(args[0]) <= args[1] < len(args[0]) else Const(None)
+                continue
+            try:
+                env[node] = an.call(op, args, kwargs, shp, fn)
+            except Exception as e:
+                for v in _iter_derived((args, kwargs)):
+                    an.emit(v, "free", op, f"analysis of '{op}' failed: {type(e).__name__}: {_short(e)}")
+                env[node] = Const(None)
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            args, kwargs = res(node.args), res(node.kwargs)
+            for v in _iter_derived((args, kwargs)):
+                if isinstance(mod, R_NORM_MODULES):
+                    continue
+                an.emit(v, "additive", type(mod).__name__, f"fed as input to module {node.target}")
+            leaf_calls.append((node.target, mod))
+            d = _iter_derived((args, kwargs))
+            if d and isinstance(mod, R_NORM_MODULES):
+                env[node] = an._elementwise(d, shp if isinstance(shp, tuple) else d[0].shape)
+            elif isinstance(shp, list):
+                env[node] = [Act(s) for s in shp]
+            else:
+                env[node] = Act(shp)
+        elif node.op == "output":
+            for v in _iter_derived(res(node.args)):
+                an.emit(v, "free", "output", "returned by forward without being consumed")
+
+    # leaf modules: module rules for what they cover; the recorder's look inside for the rest
+    placed = {f.param for f in an.findings}
+    for target, mod in leaf_calls:
+        for f in _leaf_rule_findings(target, mod, names):
+            an.findings.append(f)
+    an.findings.extend(inside_an.findings)
+    placed = {f.param for f in an.findings}
+    return an, placed, notes
+
+
+R_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _rule_covered(mod: nn.Module, names: dict[int, str]) -> set[str]:
+    out = set()
+    for m in mod.modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if isinstance(m, _OPAQUE) or module_rule(m, pname) is not None:
+                if id(p) in names:
+                    out.add(names[id(p)])
+    return out
+
+
+def _leaf_rule_findings(target: str, mod: nn.Module, names: dict[int, str]) -> list[Finding]:
+    out = []
+    for mname, m in mod.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            f = module_rule(m, pname)
+            if f is None or id(p) not in names:
+                continue
+            f.param, f.frontend = names[id(p)], "fx"
+            f.where = f"{target}.{mname}" if mname else target
+            out.append(f)
+    return out
+
+
+def _fetch(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _short(e: Exception, n: int = 160) -> str:
+    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return s[:n]
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export
+# ---------------------------------------------------------------------------------------------
+def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], shapes: dict) -> Analyzer:
+    ep = torch.export.export(meta_model, tuple(inputs), strict=False)
+    to_param = dict(ep.graph_signature.inputs_to_parameters)
+    by_name = {n: n for n in shapes}
+    canon = {}
+    for n, p in meta_model.named_parameters(remove_duplicate=False):
+        canon[n] = names.get(id(p), n)
+    an = Analyzer("export", shapes)
+    env: dict[fx.Node, Any] = {}
+
+    def res(a):
+        return fx.node.map_arg(a, lambda n: env.get(n, Const(None)))
+
+    for node in ep.graph.nodes:
+        an.where = node.name
+        val = node.meta.get("val")
+        shp = _shapes_of(val)
+        if node.op == "placeholder":
+            if node.name in to_param:
+                pname = canon.get(to_param[node.name], by_name.get(to_param[node.name]))
+                env[node] = an.source(pname) if pname in shapes else Const(shp)
+            elif node.name in ep.graph_signature.user_inputs:
+                env[node] = Act(shp)
+            else:
+                env[node] = Const(shp)
+        elif node.op == "call_function":
+            name = getattr(node.target, "_opname", None) or _fn_name(node.target)
+            name = R.ATEN_RENAMES.get(name, name) if hasattr(node.target, "_opname") else name
+            op = R.canonical(name)
+            args, kwargs = res(node.args), res(node.kwargs)
+            if op == "getitem" and isinstance(args[0], (list, tuple)):
+                env[node] = args[0][args[1]]
+                continue
+            if op == "convolution" and isinstance(args, tuple) and len(args) >= 9:
+                pass
+            try:
+                env[node] = an.call(op, args, kwargs, shp)
+            except Exception as e:
+                for v in _iter_derived((args, kwargs)):
+                    an.emit(v, "free", op, f"analysis of '{op}' failed: {_short(e)}")
+                env[node] = Const(None)
+        elif node.op == "output":
+            for v in _iter_derived(res(node.args)):
+                an.emit(v, "free", "output", "returned by forward without being consumed")
+    return an
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestration
+# ---------------------------------------------------------------------------------------------
+def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tuple[str, ...] = FRONTENDS) -> Trace:
+    """Run the frontends in order until one places the model; module rules fill what is left."""
+    for f in frontends:
+        if f not in FRONTENDS:
+            raise ValueError(f"unknown frontend {f!r}; choose from {', '.join(FRONTENDS)}")
+    names, shapes = param_table(model)
+    out = Trace()
+    try:
+        meta = meta_copy(model)
+    except Exception as e:
+        out.attempts.append(("meta-copy", f"{type(e).__name__}: {_short(e)}"))
+        meta = None
+    if meta is not None:
+        mnames, _ = param_table(meta)
+        names = mnames
+        meta.train(model.training)
+    inputs = None
+    if example_inputs is not None:
+        inputs = to_meta(tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
+    elif meta is not None:
+        inputs = default_inputs(meta)
+
+    an: Analyzer | None = None
+    notes: list[str] = []
+    opaque = _opaque_params(meta if meta is not None else model, names)
+    for f in frontends:
+        if f == "modules" or meta is None:
+            break
+        try:
+            if f == "fx":
+                an, _, n = trace_fx(meta, inputs, names, shapes)
+                notes += n
+            elif f == "record":
+                if inputs is None:
+                    out.attempts.append((f, "skipped: no example inputs"))
+                    continue
+                an = Analyzer("record", shapes)
+                record(meta, inputs, {}, an, names, skip=opaque)
+            elif f == "export":
+                if inputs is None:
+                    out.attempts.append((f, "skipped: no example inputs"))
+                    continue
+                an = trace_export(meta, inputs, names, shapes)
+            out.attempts.append((f, "ok"))
+            out.frontend = f
+            break
+        except Exception as e:
+            out.attempts.append((f, f"{type(e).__name__}: {_short(e)}"))
+            an = None
+    for n in notes:
+        out.attempts.append(("note", n))
+    found: dict[str, list[Finding]] = {n: [] for n in shapes}
+    if an is not None:
+        for f in an.findings:
+            if f.param in found:
+                found[f.param].append(f)
+    # opaque leaves (LSTM, MultiheadAttention) and whatever no graph reached: module rules
+    rest = {n for n, fs in found.items() if not fs}
+    if rest:
+        mf, _unknown = module_findings(meta if meta is not None else model, rest, "modules")
+        for f in mf:
+            if an is not None and f.param not in opaque:
+                f.reason += "; not reached by the traced forward"
+            found[f.param].append(f)
+        if an is not None:
+            out.unreached = sorted(n for n in rest if n not in opaque)
+    if not out.frontend:
+        out.frontend = "modules"
+    out.findings = found
+    return out
+
+
+def _opaque_params(model: nn.Module, names: dict[int, str]) -> set[str]:
+    out = set()
+    for m in model.modules():
+        if isinstance(m, _OPAQUE):
+            for p in m.parameters(recurse=False):
+                if id(p) in names:
+                    out.add(names[id(p)])
+    return out
