@@ -13,8 +13,9 @@ from .optim import Nero
 from .plan import ROLES, Entry, Plan
 from .plan import make_plan as plan
 from .rewrite import bake, is_wrapped, wrap
+from .scale import calibrate_
 
 __version__ = "0.1.0"
 
 __all__ = ["wrap", "plan", "bake", "Nero", "Plan", "Entry", "ROLES", "NeuronLayout", "Balanced", "balance",
-           "is_balanced", "is_wrapped", "__version__"]
+           "is_balanced", "is_wrapped", "calibrate_", "__version__"]

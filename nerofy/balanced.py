@@ -26,42 +26,53 @@ DEAD_NORM = 1e-12
 class Balanced(nn.Module):
     """Parametrization ``V -> scale * normalize(center(V))`` along a :class:`NeuronLayout`."""
 
-    def __init__(self, layout: NeuronLayout, scale: float = 1.0):
+    def __init__(self, layout: NeuronLayout, scale: float = 1.0, device=None):
         super().__init__()
         if layout.elementwise or not layout.constrained:
             raise ValueError(f"Balanced needs a constrained neuron layout, got {layout}")
         self.layout = layout
-        self.scale = float(scale)
+        # a fixed per-layer gain (1 = the paper's unit norm); a buffer so checkpoints keep it
+        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
 
     def forward(self, v: Tensor) -> Tensor:
-        w = self.layout.project(v)
-        return w * self.scale if self.scale != 1.0 else w
+        view, dims = self.layout.neuron_view(v)
+        if self.layout.center:
+            view = view - view.mean(dim=dims, keepdim=True)
+        if self.layout.normalize:
+            # scale / norm per neuron: one multiply folds the gain into the normalisation
+            r = self.scale / torch.linalg.vector_norm(view, dim=dims, keepdim=True).clamp_min(1e-12)
+            view = view * r.to(view.dtype)
+        else:
+            view = view * self.scale.to(view.dtype)
+        return view.reshape(v.shape)
 
     @torch.no_grad()
     def right_inverse(self, w: Tensor) -> Tensor:
         """Plain weights -> stored tensor: projected onto the balanced set (the function changes
         unless ``w`` was balanced already); neurons with no direction get one (never NaN, never 0)."""
-        v = self.layout.project(w)
-        fill_dead_(v, self.layout)
+        v, norms = self.layout.project_with_norms(w)
+        fill_dead_(v, self.layout, dead=norms <= DEAD_NORM if norms is not None else None)
         return v
 
     def extra_repr(self) -> str:
-        return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}"
+        return f"{self.layout.describe()}, center={self.layout.center}, scale={float(self.scale):g}"
 
 
 @torch.no_grad()
-def fill_dead_(t: Tensor, layout: NeuronLayout) -> int:
+def fill_dead_(t: Tensor, layout: NeuronLayout, dead: Tensor | None = None) -> int:
     """Give every neuron of ``t`` whose centred norm is ~0 a random balanced direction, in place.
 
     Zero-initialised layers (zero-init heads, residual branches) would otherwise be dead forever:
     a unit-norm neuron cannot be zero, and a zero neuron has no direction to turn. Uses a fixed seed,
-    so wrapping is deterministic. Returns how many neurons were filled. Meta tensors are skipped.
+    so wrapping is deterministic. ``dead``: the mask if the caller has it (keepdim, neuron view).
+    Returns how many neurons were filled. Meta tensors are skipped.
     """
     if t.is_meta or t.numel() == 0 or not layout.constrained:
         return 0
     view, dims = layout.neuron_view(t)
-    centred = view - view.mean(dim=dims, keepdim=True) if layout.center else view
-    dead = torch.linalg.vector_norm(centred.float(), dim=dims, keepdim=True) <= DEAD_NORM
+    if dead is None:
+        centred = view - view.mean(dim=dims, keepdim=True) if layout.center else view
+        dead = torch.linalg.vector_norm(centred.float(), dim=dims, keepdim=True) <= DEAD_NORM
     n_dead = int(dead.sum())
     if n_dead:
         gen = torch.Generator().manual_seed(0x4E45524F)  # "NERO"
@@ -91,8 +102,10 @@ def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float = 1
             f"{layout.describe()}: a balanced neuron would be +-1 (or 0 once centred). Leave it "
             "unconstrained (role 'gain') instead."
         )
-    b = Balanced(layout, scale)
-    parametrize.register_parametrization(module, name, b)
+    b = Balanced(layout, scale, device=p.device)
+    # unsafe=True skips parametrize's consistency forward: Balanced keeps shape and dtype by
+    # construction, and that extra projection was a third of wrap's time on big models
+    parametrize.register_parametrization(module, name, b, unsafe=True)
     return b
 
 

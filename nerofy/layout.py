@@ -125,6 +125,19 @@ class NeuronLayout:
         return max(1, math.prod(shape)) // max(1, self.fan_in(shape)) if shape else 1
 
     # ---- per-neuron maths, shared by the optimizer and the parametrization -------------
+    def project_with_norms(self, t: torch.Tensor, eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`project` plus each neuron's centred norm before normalising (keepdim, on the
+        neuron view), in one pass of statistics."""
+        if self.elementwise or not self.constrained:
+            return t, None
+        v, dims = self.neuron_view(t)
+        if self.center:
+            v = v - v.mean(dim=dims, keepdim=True)
+        norms = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        if self.normalize:
+            v = v / norms.clamp_min(eps)
+        return v.reshape(t.shape), norms
+
     def project(self, t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
         """Out-of-place projection onto the balanced set (centre, then unit norm per neuron).
 

@@ -12,6 +12,7 @@ from .balanced import Balanced, balance, is_balanced
 from .layout import ELEMENTWISE, NeuronLayout
 from .optim import Nero
 from .plan import Plan, make_plan
+from .scale import SCALE_MODES, init_scale
 
 log = logging.getLogger("nerofy")
 
@@ -34,9 +35,15 @@ def is_wrapped(model: nn.Module) -> bool:
         parametrize.is_parametrized(m) and is_balanced(m) for m in model.modules())
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> dict[str, nn.Parameter]:
+def apply_plan(model: nn.Module, plan: Plan, scale: str = "unit") -> dict[str, nn.Parameter]:
     """Register the plan's balanced parametrizations in place. Returns name -> the tensor the
-    optimizer must update (``parametrizations.<attr>.original`` for constrained ones)."""
+    optimizer must update (``parametrizations.<attr>.original`` for constrained ones).
+
+    ``scale``: each balanced layer's fixed gain, ``"unit"`` (the paper) or ``"init"`` (the mean
+    neuron norm the layer had before wrapping; see nerofy.scale)."""
+    if scale not in SCALE_MODES:
+        raise ValueError(f"unknown scale mode {scale!r}; choose from {', '.join(SCALE_MODES)} "
+                         "(or wrap with 'unit' and call nerofy.calibrate_(model, batch))")
     params = dict(model.named_parameters())
     missing = [e.name for e in plan if e.name not in params]
     if missing:
@@ -53,16 +60,21 @@ def apply_plan(model: nn.Module, plan: Plan) -> dict[str, nn.Parameter]:
             targets[e.name] = p
             continue
         lay = e.layout()
+        gain = init_scale(p, lay) if scale == "init" else 1.0
         for mod, attr in aliases[id(p)]:
-            balance(mod, attr, lay)
+            balance(mod, attr, lay, gain)
         mod, attr = aliases[id(p)][0]
         targets[e.name] = mod.parametrizations[attr].original
     return targets
 
 
-def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_inputs=None, **nero_options):
+def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "unit",
+         **nero_options):
     """Plan (unless given), rewrite ``model`` in place as a balanced network, and return
     ``(model, optimizer)`` with a :class:`Nero` whose param groups match the plan.
+
+    ``scale`` sets the fixed gain of each balanced layer (``"unit"``: the paper; ``"init"``: keep
+    each layer's initial mean neuron norm); see :mod:`nerofy.scale`.
 
     Wrapping an already wrapped model raises ValueError (constraints never stack). Frozen
     parameters are left alone and are not given to the optimizer; unfreezing one later needs a new
@@ -77,7 +89,7 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
         plan = make_plan(model, example_inputs)
     for w in plan.warnings:
         log.warning("nerofy: %s", w)
-    targets = apply_plan(model, plan)
+    targets = apply_plan(model, plan, scale)
     groups: dict[NeuronLayout, list] = defaultdict(list)
     for e in plan:
         lay = e.layout()
