@@ -443,7 +443,8 @@ def _map_select(op, src: Derived, ins, outs, args, kwargs):
     if not isinstance(idx, tuple):
         idx = (idx,)
     if op == "index" and isinstance(idx[0], (list, tuple)):
-        idx = tuple(idx[0])
+        # aten.index(self, indices): None there means "this whole dim", not a new axis
+        idx = tuple(slice(None) if i is None else i for i in idx[0])
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     per_dim: list = []
     for i in idx:

@@ -370,7 +370,8 @@ def _short(e: Exception, n: int = 160) -> str:
 # ---------------------------------------------------------------------------------------------
 # torch.export
 # ---------------------------------------------------------------------------------------------
-def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], shapes: dict) -> Analyzer:
+def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], shapes: dict,
+                 skip: set[str] = frozenset()) -> Analyzer:
     ep = torch.export.export(meta_model, tuple(inputs), strict=False)
     to_param = dict(ep.graph_signature.inputs_to_parameters)
     by_name = {n: n for n in shapes}
@@ -390,7 +391,10 @@ def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], sh
         if node.op == "placeholder":
             if node.name in to_param:
                 pname = canon.get(to_param[node.name], by_name.get(to_param[node.name]))
-                env[node] = an.source(pname) if pname in shapes else Const(shp)
+                if pname in skip:  # opaque modules (LSTM, MultiheadAttention): module rules place them
+                    env[node] = Act(shp)
+                else:
+                    env[node] = an.source(pname) if pname in shapes else Const(shp)
             elif node.name in ep.graph_signature.user_inputs:
                 env[node] = Act(shp)
             else:
@@ -403,8 +407,6 @@ def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], sh
             if op == "getitem" and isinstance(args[0], (list, tuple)):
                 env[node] = args[0][args[1]]
                 continue
-            if op == "convolution" and isinstance(args, tuple) and len(args) >= 9:
-                pass
             try:
                 env[node] = an.call(op, args, kwargs, shp)
             except Exception as e:
@@ -462,7 +464,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                 if inputs is None:
                     out.attempts.append((f, "skipped: no example inputs"))
                     continue
-                an = trace_export(meta, inputs, names, shapes)
+                an = trace_export(meta, inputs, names, shapes, skip=opaque)
             out.attempts.append((f, "ok"))
             out.frontend = f
             break
@@ -493,10 +495,12 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
 
 
 def _opaque_params(model: nn.Module, names: dict[int, str]) -> set[str]:
+    """Parameters inside opaque modules (children too: MultiheadAttention's out_proj is used by
+    F.multi_head_attention_forward, not by its own forward)."""
     out = set()
     for m in model.modules():
         if isinstance(m, _OPAQUE):
-            for p in m.parameters(recurse=False):
+            for p in m.parameters():
                 if id(p) in names:
                     out.add(names[id(p)])
     return out
