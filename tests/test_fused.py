@@ -255,3 +255,23 @@ def test_state_dict_roundtrip_keeps_fused_option():
     opt3.load_state_dict(sd)
     p.grad = torch.randn(4, 6)
     opt3.step()
+
+
+@pytest.mark.slow
+def test_benchmark_script_smoke(tmp_path):
+    """benchmarks/optimizer_step.py runs end to end and writes its table (slow: builds resnet50)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    pytest.importorskip("timm")
+    pytest.importorskip("pytorch_optimizer")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "optimizer_step.py"
+    spec = importlib.util.spec_from_file_location("optimizer_step", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--quick", "--threads", "1", "--steps", "2", "--out", str(tmp_path)])
+    res = json.loads((tmp_path / "optimizer_step.json").read_text())
+    rows = {r["name"]: r for r in res["results"]["1"]["rows"]}
+    assert rows["nerofy Nero (fused)"]["state_ratio_to_adam"] < 0.002
+    assert (tmp_path / "optimizer_step.md").read_text().startswith("# Optimizer step")
