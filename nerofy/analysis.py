@@ -171,9 +171,10 @@ class Analyzer:
                     self.emit(val, rule, op, f"{name} of {op}")
         if op == "einsum" and operands:
             ruled = True
+            data = {i for i, v in enumerate(operands) if isinstance(v, Act)}
             for i, val in enumerate(operands):
                 if isinstance(val, Derived):
-                    rule = R.einsum_operand(bound["equation"], i, len(val.shape or ()))
+                    rule = R.einsum_operand(bound["equation"], i, len(val.shape or ()), data)
                     if rule is None:
                         self.emit(val, "free", op, f"einsum operand {i} does not match '{bound['equation']}'")
                     elif rule.role == "gain":

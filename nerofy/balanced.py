@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .layout import NeuronLayout
+from .layout import NeuronLayout, _acc
 
 __all__ = ["Balanced", "balance", "fill_dead_", "is_balanced"]
 
@@ -26,24 +26,32 @@ DEAD_NORM = 1e-12
 class Balanced(nn.Module):
     """Parametrization ``V -> scale * normalize(center(V))`` along a :class:`NeuronLayout`."""
 
-    def __init__(self, layout: NeuronLayout, scale: float = 1.0, device=None):
+    def __init__(self, layout: NeuronLayout, scale: float = 1.0):
         super().__init__()
         if layout.elementwise or not layout.constrained:
             raise ValueError(f"Balanced needs a constrained neuron layout, got {layout}")
         self.layout = layout
-        # a fixed per-layer gain (1 = the paper's unit norm); a buffer so checkpoints keep it
-        self.register_buffer("scale", torch.tensor(float(scale), dtype=torch.float32, device=device))
+        # a fixed per-layer gain (1 = the paper's unit norm). A Python float saved as extra state:
+        # checkpoints keep it, and meta -> to_empty() cannot leave it uninitialised as a buffer.
+        self.scale = float(scale)
+
+    def get_extra_state(self):
+        return {"scale": self.scale}
+
+    def set_extra_state(self, state) -> None:
+        self.scale = float(state["scale"])
 
     def forward(self, v: Tensor) -> Tensor:
         view, dims = self.layout.neuron_view(v)
         if self.layout.center:
             view = view - view.mean(dim=dims, keepdim=True)
         if self.layout.normalize:
-            # scale / norm per neuron: one multiply folds the gain into the normalisation
-            r = self.scale / torch.linalg.vector_norm(view, dim=dims, keepdim=True).clamp_min(1e-12)
-            view = view * r.to(view.dtype)
-        else:
-            view = view * self.scale.to(view.dtype)
+            # scale / norm per neuron (fp32): one multiply folds the gain into the normalisation
+            norm = torch.linalg.vector_norm(view, dim=dims, keepdim=True, dtype=_acc(view.dtype))
+            r = self.scale / norm.clamp_min(1e-12)
+            view = view * r if view.dtype == r.dtype else (view.to(r.dtype) * r).to(v.dtype)
+        elif self.scale != 1.0:
+            view = view * self.scale
         return view.reshape(v.shape)
 
     @torch.no_grad()
@@ -55,7 +63,7 @@ class Balanced(nn.Module):
         return v
 
     def extra_repr(self) -> str:
-        return f"{self.layout.describe()}, center={self.layout.center}, scale={float(self.scale):g}"
+        return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}"
 
 
 @torch.no_grad()
@@ -102,7 +110,7 @@ def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float = 1
             f"{layout.describe()}: a balanced neuron would be +-1 (or 0 once centred). Leave it "
             "unconstrained (role 'gain') instead."
         )
-    b = Balanced(layout, scale, device=p.device)
+    b = Balanced(layout, scale)
     # unsafe=True skips parametrize's consistency forward: Balanced keeps shape and dtype by
     # construction, and that extra projection was a third of wrap's time on big models
     parametrize.register_parametrization(module, name, b, unsafe=True)

@@ -109,7 +109,12 @@ class NeuronLayout:
             # axes after sa shift by one; the group index (at sa) becomes a neuron axis
             axes = {a + 1 if a > sa else a for a in axes} | {sa}
             nd += 1
-        return t, tuple(d for d in range(nd) if d not in axes)
+        dims = tuple(d for d in range(nd) if d not in axes)
+        if not dims:
+            # every axis indexes neurons (fan-in 1): a trailing size-1 fan-in dim keeps reductions
+            # per neuron (torch reads dim=() as "all dims")
+            return t.unsqueeze(-1), (nd,)
+        return t, dims
 
     def fan_in(self, shape) -> int:
         shape = tuple(shape)
@@ -133,9 +138,10 @@ class NeuronLayout:
         v, dims = self.neuron_view(t)
         if self.center:
             v = v - v.mean(dim=dims, keepdim=True)
-        norms = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
+        # norms in fp32: in fp16 the floor rounds to 0 and a zero neuron would become 0/0
+        norms = torch.linalg.vector_norm(v, dim=dims, keepdim=True, dtype=_acc(v.dtype))
         if self.normalize:
-            v = v / norms.clamp_min(eps)
+            v = (v * (1.0 / norms.clamp_min(eps))).to(t.dtype)
         return v.reshape(t.shape), norms
 
     def project(self, t: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -144,14 +150,12 @@ class NeuronLayout:
         Zero neurons stay zero (never NaN); :func:`nerofy.balanced.fill_dead_` gives them a
         direction where that is wanted.
         """
-        if self.elementwise or not self.constrained:
-            return t
-        v, dims = self.neuron_view(t)
-        if self.center:
-            v = v - v.mean(dim=dims, keepdim=True)
-        if self.normalize:
-            v = v / torch.linalg.vector_norm(v, dim=dims, keepdim=True).clamp_min(eps)
-        return v.reshape(t.shape)
+        return self.project_with_norms(t, eps)[0]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for norms: at least fp32."""
+    return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
 
 
 ELEMENTWISE = NeuronLayout(axes=None)

@@ -287,16 +287,18 @@ class Nero(torch.optim.Optimizer):
             foreach=True if foreach is None else bool(foreach), skip_nonfinite=skip_nonfinite,
             fused=None if fused is None else bool(fused),
         )
-        params = [params] if isinstance(params, Tensor) else list(params)
+        params = [params] if isinstance(params, Tensor) else _as_list(params, "params")
         if not params:
             raise ValueError("Nero got an empty parameter list: pass model.parameters() with trainable tensors")
         groups = [dict(p) if isinstance(p, dict) else p for p in params]
         for g in groups:
             ts = g["params"] if isinstance(g, dict) else [g]
-            ts = [ts] if isinstance(ts, Tensor) else list(ts)
+            ts = [ts] if isinstance(ts, Tensor) else _as_list(ts, "a group's 'params'")
             if isinstance(g, dict):
                 g["params"] = ts
             for t in ts:
+                if isinstance(t, tuple) and len(t) == 2 and isinstance(t[0], str):
+                    t = t[1]  # named parameters, as torch optimizers accept
                 if not isinstance(t, Tensor):
                     raise ValueError(f"Nero can only optimize tensors, got {type(t).__name__}: pass model.parameters()")
         params = groups
@@ -430,6 +432,14 @@ class Nero(torch.optim.Optimizer):
             for k, v in st.items():
                 if isinstance(v, Tensor):
                     self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def _as_list(x, what: str) -> list:
+    try:
+        return list(x)
+    except TypeError:
+        raise ValueError(f"Nero's {what} must be an iterable of tensors or parameter groups, got "
+                         f"{type(x).__name__}: pass model.parameters()") from None
 
 
 def _check_hparams(lr, beta, eps, scale_floor):

@@ -26,6 +26,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
+import torch
 from torch import nn
 
 from .analysis import Finding
@@ -245,7 +246,9 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
             e.role, e.warnings = "frozen", []
         entries.append(e)
         warnings += [f"{name}: {w}" for w in e.warnings]
-    fallback = [e.name for e in entries if e.frontend == "modules" and e.role != "frozen"]
+    unreached = set(tr.unreached)
+    fallback = [e.name for e in entries if e.frontend == "modules" and e.role != "frozen"
+                and (tr.frontend == "modules" or e.name in unreached)]
     unplaced = [e.name for e in entries if e.frontend == "" and e.role != "frozen"]
     failed = [f"{f} ({msg})" for f, msg in tr.attempts if msg != "ok" and f != "note"]
     if fallback and tr.frontend != "modules":
@@ -269,19 +272,24 @@ def _names(ns: list[str], n: int = 8) -> str:
 
 
 def _check_inputs(model: nn.Module, example_inputs) -> None:
-    """Example inputs must run through the model (on meta); one clear error if they do not."""
+    """Example inputs must run through the model (on meta, else for real); one clear error if not."""
     from .trace import meta_copy, to_meta
 
     try:
         meta = meta_copy(model)
     except Exception:
-        return
+        meta = model
+
     args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     try:
-        import torch
-
         with torch.no_grad():
             meta(*to_meta(args))
+        return
+    except Exception:
+        pass  # the model may not run on meta at all (.item(), data-dependent shapes): try for real
+    try:
+        with torch.no_grad():
+            model(*args)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]

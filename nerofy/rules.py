@@ -86,8 +86,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
 }
 
 # aten ops whose argument order differs from torch.nn.functional's: renamed by the export frontend
-ATEN_RENAMES = {"embedding": "aten_embedding", "batch_norm": "aten_batch_norm", "instance_norm": "aten_instance_norm",
-                "group_norm": "aten_group_norm"}
+ATEN_RENAMES = {"embedding": "aten_embedding", "batch_norm": "aten_batch_norm", "instance_norm": "aten_instance_norm"}
 
 
 def bind(op: str, args: tuple, kwargs: dict) -> dict:
@@ -107,7 +106,7 @@ NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", 
          "aten_instance_norm", "aten_group_norm"}
 
 # view ops: output values are input values re-arranged (dims mapped by the analyzer)
-PERMUTES = {"t", "T", "mT", "H", "mH", "transpose", "permute", "movedim", "adjoint"}
+PERMUTES = {"t", "T", "mT", "H", "mH", "transpose", "permute", "movedim", "adjoint", "numpy_T"}
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "ravel"}
 EXPANDS = {"expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "repeat", "tile", "atleast_2d", "atleast_3d"}
 SPLITS = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes", "unsafe_split", "unsafe_chunk"}
@@ -184,11 +183,14 @@ def conv_weight(shape, groups: int = 1, transposed: bool = False) -> Contraction
 _EINSUM_RE = re.compile(r"\s+")
 
 
-def einsum_operand(equation: str, index: int, ndim: int) -> Contraction | None:
+def einsum_operand(equation: str, index: int, ndim: int, data: set[int] | None = None) -> Contraction | None:
     """Neuron dims of operand ``index``: its subscripts that survive into the output.
 
-    Implicit-output equations (no ``->``) keep the subscripts that appear once, sorted; an
-    ellipsis counts as surviving batch dims when the output keeps it.
+    ``data``: which operands carry activations. A subscript contracted only with other weights
+    (the rank index ``r`` of ``u`` in ``'bi,ir,ro->bo'``) indexes this factor's outputs, so it is a
+    neuron dim too; fan-in is what meets the data. Implicit-output equations (no ``->``) keep the
+    subscripts that appear once, sorted; an ellipsis counts as surviving batch dims when the
+    output keeps it.
     """
     eq = _EINSUM_RE.sub("", equation)
     if "->" in eq:
@@ -212,9 +214,15 @@ def einsum_operand(equation: str, index: int, ndim: int) -> Contraction | None:
         dims = list(term)
     if len(dims) != ndim:
         return None
+    data_subs = None
+    if data:
+        data_subs = set().union(*[set(terms[i]) for i in data if i < len(terms) and i != index])
     neuron, fan_in = [], []
     for d, s in enumerate(dims):
-        (neuron if (s in out if s != "..." else "..." in out) else fan_in).append(d)
+        survives = s in out if s != "..." else "..." in out
+        if not survives and data_subs is not None and s != "..." and s not in data_subs:
+            survives = True  # contracted only with other weights: this factor's output index
+        (neuron if survives else fan_in).append(d)
     if not fan_in:  # nothing contracted: the operand is scaled, not contracted (a gain)
         return Contraction(neuron=tuple(neuron), fan_in=(), role="gain")
     return Contraction(neuron=tuple(neuron), fan_in=tuple(fan_in))

@@ -88,7 +88,7 @@ def calibrate_(model: nn.Module, inputs: tuple, target: float = 1.0, passes: int
                 break
             factor = (target / ms) ** 0.5
             for name, pz in by_module[m]:
-                pz.scale.mul_(factor)
+                pz.scale *= factor
             if abs(factor - 1) < 0.01:
                 break
         for name, pz in by_module[m]:

@@ -294,6 +294,12 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
             if op == "getitem" and isinstance(args[0], (list, tuple)) and isinstance(args[1], int):
                 env[node] = args[0][args[1]] if -len(args[0]) <= args[1] < len(args[0]) else Const(None)
                 continue
+            if node.op == "call_function" and _is_user_function(fn) and node in node_vals \
+                    and _iter_derived((args, kwargs)):
+                # a wrapped Python function (fx.wrap / timm autowrap): look inside with the recorder
+                inside_an.where = node.name
+                env[node] = _record_call(inside_an, fn, node, node_vals, env)
+                continue
             try:
                 env[node] = an.call(op, args, kwargs, shp, fn)
             except Exception as e:
@@ -327,6 +333,37 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
     an.findings.extend(inside_an.findings)
     placed = {f.param for f in an.findings}
     return an, placed, notes
+
+
+def _is_user_function(fn) -> bool:
+    mod = getattr(fn, "__module__", None) or ""
+    root = mod.split(".")[0]
+    return callable(fn) and bool(mod) and root not in ("torch", "_operator", "operator", "builtins", "math")
+
+
+def _record_call(an: Analyzer, fn, node: fx.Node, node_vals: dict, env: dict):
+    """Re-run one graph call on its meta values under the recorder, each input tensor carrying
+    what the graph walk knows of it (parameter-derived, activation or constant)."""
+    rec = _Recorder(an)
+    for n in node.all_input_nodes:
+        t, v = node_vals.get(n), env.get(n)
+        if isinstance(t, torch.Tensor) and isinstance(v, (Derived, Act, Const)):
+            rec.mark(t, v)
+        elif isinstance(t, (list, tuple)) and isinstance(v, (list, tuple)):
+            for ti, vi in zip(t, v):
+                if isinstance(ti, torch.Tensor) and isinstance(vi, (Derived, Act, Const)):
+                    rec.mark(ti, vi)
+    args = fx.node.map_arg(node.args, lambda n: node_vals.get(n))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: node_vals.get(n))
+    with torch.no_grad(), rec:
+        out = fn(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        v = rec.resolve(out)  # a parameter-derived result (a gathered bias table) keeps flowing
+        return v if isinstance(v, Derived) else Act(tuple(out.shape))
+    if isinstance(out, (list, tuple)):
+        return [rec.resolve(o) if isinstance(rec.resolve(o), Derived) else Act(_shapes_of(o))
+                if isinstance(o, torch.Tensor) else o for o in out]
+    return Act(None)
 
 
 R_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -459,7 +496,19 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                     out.attempts.append((f, "skipped: no example inputs"))
                     continue
                 an = Analyzer("record", shapes)
-                record(meta, inputs, {}, an, names, skip=opaque)
+                try:
+                    record(meta, inputs, {}, an, names, skip=opaque)
+                except Exception as e:
+                    if example_inputs is None:
+                        raise
+                    # meta tensors cannot answer value questions (.item(), data-dependent shapes):
+                    # one real forward instead, with the user's inputs
+                    notes.append(f"record: meta forward failed ({type(e).__name__}: {_short(e, 80)}); "
+                                 "recorded one real forward instead")
+                    rnames, _ = param_table(model)
+                    an = Analyzer("record", shapes)
+                    real_in = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+                    record(model, real_in, {}, an, rnames, skip=_opaque_params(model, rnames))
             elif f == "export":
                 if inputs is None:
                     out.attempts.append((f, "skipped: no example inputs"))

@@ -280,10 +280,6 @@ def test_works_on_the_meta_device(name):
     assert out.shape == real(torch.randn(xshape)).shape
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Balanced.scale is a buffer; module.to_empty() (the standard meta -> real materialisation) "
-    "fills buffers with uninitialised memory, so the forward weight's norm becomes garbage (NaN, 0, "
-    "1e-32, 3e3, ...) and assigning real weights through right_inverse does not restore it"))
 @pytest.mark.parametrize("name", ["linear", "grouped conv_transpose2d"])
 def test_meta_then_to_empty_then_load_weights_is_balanced(name):
     make, layout, xshape, _ = MODULES[name]
@@ -391,7 +387,7 @@ def test_nero_state_and_resume_on_a_balanced_model():
     opt_b.load_state_dict(sd_o)
     train(b, opt_b, 5)
     for (k, v), (_, w) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(v, w), k
+        assert (torch.equal(v, w) if isinstance(v, torch.Tensor) else v == w), k
     # one fp32 value per neuron for the stored weights, one per element for the biases
     for m in a:
         if isinstance(m, nn.Linear):

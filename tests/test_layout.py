@@ -200,9 +200,6 @@ def test_project_balances_every_neuron_and_is_idempotent(sl, dtype):
     assert not torch.equal(t, p)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: neuron_view returns dims=() when every axis is a neuron axis "
-                   "(fan-in 1), and torch reductions over dim=() reduce over the WHOLE tensor, so project() "
-                   "centres/normalises all neurons together instead of each one")
 @pytest.mark.parametrize("shape, axes", [((3,), (0,)), ((3, 2), (0, 1))])
 def test_project_fan_in_1_is_per_neuron(shape, axes):
     t = torch.randn(shape) * 3 + 1
@@ -249,9 +246,7 @@ def test_project_zero_and_constant_neurons_stay_finite():
 
 
 @pytest.mark.parametrize("dtype", [
-    pytest.param(torch.float16, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG: project() clamps the norm at eps=1e-12, which rounds to 0 in fp16: a zero or constant "
-        "fp16 neuron gives 0/0 = NaN"))),
+    torch.float16,
     torch.bfloat16,
 ])
 def test_project_zero_neurons_low_precision_stay_finite(dtype):

@@ -345,9 +345,6 @@ def test_constrained_state_has_scale_one_and_unconstrained_scale_is_the_mean_mag
     torch.testing.assert_close(emb, emb0 - LR * opt.state[emb]["scale"] * g / g.norm(dim=1, keepdim=True))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an unconstrained per-neuron layout whose neurons have fan-in 1 "
-                   "(every axis a neuron axis) gets ONE state value for the whole tensor, because neuron_view "
-                   "returns dims=() and vector_norm(dim=()) reduces over everything")
 def test_unconstrained_fan_in_1_layout_keeps_one_state_value_per_neuron():
     p = nn.Parameter(torch.tensor([3.0, -1.0, 2.0]))
     opt = Nero([{"params": [p], "layout": ROWS_STATE}])
@@ -905,8 +902,6 @@ def test_tensor_lr_is_either_rejected_or_works(path):
     torch.testing.assert_close(b, b2)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: non-iterable params (None, a number) raise TypeError from list(), "
-                   "not the ValueError Nero promises for non-tensor params")
 @pytest.mark.parametrize("params", [None, 5, [{"params": None}], [{"params": 1.5}]])
 def test_non_iterable_params_raise_value_error(params):
     with pytest.raises(ValueError):
