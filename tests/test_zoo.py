@@ -1,0 +1,235 @@
+"""``nerofy zoo`` and ``nerofy report``: JSONL safety, selection, the worker pool (timeouts, memory
+guard, crashes, resume, a kill mid-run) and the report."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytest.importorskip("typer")
+pytest.importorskip("timm")
+from typer.testing import CliRunner  # noqa: E402
+
+from nerofy.check import STATUSES  # noqa: E402
+from nerofy_cli import jobs as J  # noqa: E402
+from nerofy_cli import report as R  # noqa: E402
+from nerofy_cli import zoo as Z  # noqa: E402
+from nerofy_cli.app import app  # noqa: E402
+
+
+@pytest.fixture
+def zoo_models(tmp_path, monkeypatch):
+    """Factories that pass, hang, crash the interpreter and eat memory, importable by workers."""
+    (tmp_path / "nz_zoo_models.py").write_text(textwrap.dedent("""
+        import os, time
+        import torch
+        from torch import nn
+
+        def _net():
+            m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+            m.pretrained_cfg = {"input_size": (8,)}
+            return m
+
+        def ok():
+            return _net()
+
+        def ok2():
+            return _net()
+
+        def slow():
+            time.sleep(1.5)
+            return _net()
+
+        def hang():
+            time.sleep(600)
+
+        def crash():
+            os._exit(3)
+
+        def hog():
+            x = torch.ones(400 * 1024 * 1024, device="cpu")  # 1.6 GB, really touched
+            time.sleep(60)
+            return x
+
+        def broken():
+            m = _net()
+            m.forward = lambda x: x.reshape(-1, 5)  # fails in the forward
+            return m
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return "nz_zoo_models"
+
+
+def _rows(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL
+# ---------------------------------------------------------------------------------------------
+def test_writer_appends_whole_lines_and_resume_cuts_a_torn_tail(tmp_path):
+    path = str(tmp_path / "r.jsonl")
+    with Z.JsonlWriter(path) as w:
+        w.write({"name": "a", "status": "pass"})
+        w.write({"name": "b", "status": "fail_plan"})
+    with open(path, "ab") as f:
+        f.write(b'{"name": "c", "stat')  # a run killed mid-write
+    assert [r["name"] for r in Z.read_rows(path)] == ["a", "b"]  # torn line ignored
+    with Z.JsonlWriter(path) as w:  # opening for append repairs the tail first
+        w.write({"name": "c", "status": "pass"})
+    assert [r["name"] for r in _rows(path)] == ["a", "b", "c"]
+    assert Z.repair_tail(path) == 0
+    with open(path, "ab") as f:
+        f.write(b"x" * 100_000)  # a torn line longer than the search chunk
+    assert Z.repair_tail(path) == 100_000 and len(_rows(path)) == 3
+
+
+def test_select_and_shard():
+    names = ["resnet18", "resnet50", "vit_tiny", "vit_small", "convnext_tiny"]
+    assert Z.select(names, ["resnet*"]) == ["resnet18", "resnet50"]
+    assert Z.select(names, ["timm:vit_tiny"]) == ["vit_tiny"]
+    assert Z.select(names, ["tiny"]) == ["convnext_tiny", "vit_tiny"]  # a bare word: substring
+    assert Z.select(names, None, ["vit*"]) == ["convnext_tiny", "resnet18", "resnet50"]
+    shards = [Z.select(names, shard=(i, 3)) for i in range(3)]
+    assert sorted(sum(shards, [])) == sorted(names) and all(shards)
+    assert Z.select(names, ["resnet18", "pkg.mod:make"]) == ["resnet18", "pkg.mod:make"]
+    assert Z.parse_shard("1/4") == (1, 4)
+    for bad in ("4/4", "x", "1/0", "-1/2"):
+        with pytest.raises(Z.CliError):
+            Z.parse_shard(bad)
+
+
+def test_compare_expected():
+    rows = {"a": {"status": "pass"}, "b": {"status": "fail_plan", "error": "boom"}, "c": {"status": "pass"}}
+    regress, improve = Z.compare_expected(rows, {"a": "pass", "b": "pass", "c": "fail_forward", "d": "pass"})
+    assert regress == ["b: expected pass, got fail_plan (boom)", "d: expected pass, no row"]
+    assert improve == ["c: expected fail_forward, got pass"]
+
+
+# ---------------------------------------------------------------------------------------------
+# jobs (in-process)
+# ---------------------------------------------------------------------------------------------
+def test_structural_job_on_meta():
+    row = J.structural_job("test_vit")
+    assert row["status"] == "pass" and row["mode"] == "structural" and row["tracer"] == "fx"
+    assert row["total_params"] == sum(row["params_by_role"].values()) > 0
+    assert set(row["times"]) >= {"create", "plan", "rewrite", "total"}
+    assert row["peak_rss_mb"] > 0 and row["versions"]["timm"]
+    json.dumps(row)
+
+
+def test_check_job_and_size_skip():
+    row = J.check_job("test_resnet", steps=1)
+    assert row["status"] == "pass", row["error"]
+    assert row["axes"]["fail"] == 0 and row["input_size"] == [3, 160, 160] and row["tracer"] == "fx"
+    big = J.check_job("test_resnet", steps=1, max_params=1000)
+    assert big["status"] == "skipped_size" and big["structural"] == "pass" and big["tracer"] == "fx"
+    assert big["params_by_role"] == row["params_by_role"]  # the structural result is kept
+    assert J.check_job("no_such_model_xyz")["status"] == "fail_create"
+    for r in (row, big):
+        assert r["status"] in STATUSES
+        json.dumps(r)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pool, through the CLI
+# ---------------------------------------------------------------------------------------------
+def test_zoo_isolates_timeouts_crashes_oom_and_resumes(tmp_path, zoo_models):
+    out = tmp_path / "zoo.jsonl"
+    m = zoo_models
+    names = [f"{m}:{f}" for f in ("ok", "hang", "crash", "hog", "broken", "ok2")]
+    runner = CliRunner()
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--jobs", "2", "--timeout", "30",
+                              "--max-mem", "1500", "--steps", "1"])
+    assert res.exit_code == 0, (res.stderr, res.exception)
+    rows = {r["name"]: r for r in _rows(out)}
+    assert len(rows) == len(names)  # never a missing row
+    got = {n.split(":")[1]: r["status"] for n, r in rows.items()}
+    assert got == {"ok": "pass", "ok2": "pass", "hang": "timeout", "crash": "fail_create", "hog": "oom",
+                   "broken": "fail_forward"}, {n: r["error"] for n, r in rows.items()}
+    assert "worker died (exit code 3) during create" in rows[f"{m}:crash"]["error"]
+    assert "memory guard" in rows[f"{m}:hog"]["error"] and rows[f"{m}:hog"]["peak_rss_mb"] > 1500
+    assert rows[f"{m}:hang"]["times"]["total"] >= 30
+    # resume: nothing left to do; an existing file without --resume is an error
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--resume"])
+    assert res.exit_code == 0 and "0 to run" in res.stderr
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out)])
+    assert res.exit_code == 1 and "--resume" in res.stderr
+    # expected statuses
+    exp = tmp_path / "expected.json"
+    exp.write_text(json.dumps({f"{m}:ok": "pass", f"{m}:broken": "fail_forward"}))
+    res = runner.invoke(app, ["zoo", f"{m}:ok", f"{m}:broken", "--out", str(out), "--resume", "--expected", str(exp)])
+    assert res.exit_code == 0, res.stderr
+    exp.write_text(json.dumps({f"{m}:broken": "pass"}))
+    res = runner.invoke(app, ["zoo", f"{m}:broken", "--out", str(out), "--resume", "--expected", str(exp)])
+    assert res.exit_code == 1 and "regression" in res.stderr
+
+
+def test_zoo_structural_and_report(tmp_path):
+    out = tmp_path / "s.jsonl"
+    runner = CliRunner()
+    res = runner.invoke(app, ["zoo", "test_vit", "test_resnet", "--structural", "--out", str(out), "--jobs", "1"])
+    assert res.exit_code == 0, res.stderr
+    rows = _rows(out)
+    assert sorted(r["name"] for r in rows) == ["test_resnet", "test_vit"]
+    assert all(r["status"] == "pass" and r["mode"] == "structural" for r in rows)
+    res = runner.invoke(app, ["zoo", "definitely_nothing*", "--structural", "--out", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 1 and "no timm model matches" in res.stderr
+    res = runner.invoke(app, ["zoo", "test_vit*", "--list"])
+    assert res.exit_code == 0 and "test_vit_relpos" in res.stdout.split()
+    res = runner.invoke(app, ["report", str(out), "--out-dir", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.stderr
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Totals" in md and "## Failures by reason" in md and "### vision_transformer" in md
+    assert (tmp_path / "rep" / "report.html").read_text().startswith("<!doctype html>")
+
+
+def test_report_groups_failures_by_reason(tmp_path):
+    rows = [
+        {"name": "a1", "status": "pass", "family": "a", "tracer": "fx", "total_params": 1e6,
+         "constrained_share": 0.99, "times": {"plan": 0.1, "wrap": 0.1, "total": 1}, "peak_rss_mb": 900},
+        {"name": "a2", "status": "fail_forward", "family": "a", "error": "RuntimeError: shape '[2, 3]' is invalid for 7"},
+        {"name": "b1", "status": "fail_forward", "family": "b", "error": "RuntimeError: shape '[4, 5]' is invalid for 9"},
+        {"name": "b2", "status": "skipped_size", "family": "b", "total_params": 9e9},
+        {"name": "b3", "status": "timeout", "family": "b", "error": "no result after 300 s (stage: check)"},
+    ]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = R.summarize(rows)
+    assert s["groups"][0][1] == ["a2", "b1"]  # one reason, two models
+    md, html = R.write_report(rows, str(tmp_path), plots=True, sources=[str(path)])
+    text = open(md).read()
+    assert "| fail_forward | RuntimeError: shape '…' is invalid for N | 2 | a2, b1 |" in text
+    assert "skipped_size" in text and "timeout" in text
+
+
+def test_kill_mid_run_loses_nothing_and_resume_finishes(tmp_path, zoo_models):
+    """A real subprocess killed with SIGKILL after its first rows: every line stays whole and
+    --resume runs exactly the rest."""
+    out = tmp_path / "k.jsonl"
+    names = [f"{zoo_models}:{f}" for f in ("ok", "slow", "ok2")] + [f"{zoo_models}:slow"] * 0
+    extra = ["test_vit", "test_resnet", "test_convnext"]
+    cmd = [sys.executable, "-m", "nerofy", "zoo", *names, *extra, "--structural", "--out", str(out), "--jobs", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 2):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    data = out.read_bytes()
+    assert data.endswith(b"\n")
+    first = _rows(out)
+    assert 2 <= len(first) < 6
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = _rows(out)
+    assert sorted(r["name"] for r in rows) == sorted(names + extra)  # each exactly once
+    assert rows[:len(first)] == first

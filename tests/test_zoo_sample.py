@@ -1,0 +1,40 @@
+"""CI: the full check (``nerofy zoo``) on a fixed sample of small, diverse timm architectures must
+match ``model_zoo_checks/expected.json`` (name -> status): any regression fails.
+
+The sample: timm's tiny ``test_*`` models (resnet, relpos ViT, convnext, efficientnet, byobnet,
+nfnet, maxvit, mambaout) and small real ones (lcnet, mobilenetv3, xcit and its attention temperature,
+levit's attention biases, mobilevit, efficientvit, convit's gated
+positional attention in timm leaf modules, eva02's rotary embeddings). One Nero step each keeps it
+under about a minute on two cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytest.importorskip("typer")
+pytest.importorskip("timm")
+from typer.testing import CliRunner  # noqa: E402
+
+from nerofy_cli.app import app  # noqa: E402
+
+EXPECTED = os.path.join(os.path.dirname(__file__), "..", "model_zoo_checks", "expected.json")
+
+
+def test_zoo_sample_has_no_regression(tmp_path):
+    with open(EXPECTED) as f:
+        expected = json.load(f)
+    assert 10 <= len(expected) <= 25
+    out = tmp_path / "sample.jsonl"
+    res = CliRunner().invoke(app, ["zoo", *sorted(expected), "--out", str(out), "--steps", "1", "--timeout", "240",
+                                   "--expected", EXPECTED])
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    got = {r["name"]: (r["status"], r["error"]) for r in rows}
+    assert res.exit_code == 0, f"{res.stderr}\n{got}"
+    assert set(got) == set(expected)
+    for r in rows:
+        if r["status"] == "pass":
+            assert r["axes"].get("fail", 0) == 0 and r["max_constraint_error"] < 1e-4
+            assert r["tracer"] and r["constrained_share"] > 0.5
