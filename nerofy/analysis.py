@@ -26,6 +26,7 @@ class Derived:
     shape: tuple[int, ...] | None
     origins: dict[str, Origins]
     removed: dict[str, frozenset] = field(default_factory=dict)  # param dims indexed away
+    gathered: dict[str, frozenset] = field(default_factory=dict)  # param dims indexed by data
 
 
 @dataclass
@@ -103,6 +104,13 @@ class Analyzer:
 
     def emit(self, d: Derived, role: str, op: str, reason: str = "", rule: R.Contraction | None = None) -> None:
         for p, org in d.origins.items():
+            g = d.gathered.get(p)
+            if g and role in ("gain", "bias", "additive"):
+                # rows picked by data and then used as data: an embedding lookup written as indexing
+                self.findings.append(Finding(p, "embedding", tuple(sorted(g)), op=op, where=self.where,
+                                             frontend=self.frontend,
+                                             reason=f"rows selected by an index from inputs, then {reason}"))
+                continue
             f = Finding(p, role, op=op, where=self.where, frontend=self.frontend, reason=reason)
             if rule is not None and role in ("neuron", "embedding"):
                 f = self._map_contraction(p, org, d.removed.get(p, frozenset()), rule, f)
@@ -140,6 +148,21 @@ class Analyzer:
     def call(self, op: str, args: tuple, kwargs: dict, out_shape: Any = None, fn: Callable | None = None) -> Any:
         """Interpret one call. ``out_shape``: the output's shape (a tuple of tuples for several
         outputs) when the frontend knows it. Returns the value(s) describing the output."""
+        res = self._call(op, args, kwargs, out_shape, fn)
+        gathered: dict[str, frozenset] = {}
+        for v in _flat((args, kwargs)):
+            if isinstance(v, Derived):
+                for p, g in v.gathered.items():
+                    gathered[p] = gathered.get(p, frozenset()) | g
+        if gathered:  # data-selected rows stay data-selected through views and elementwise maths
+            for r in res if isinstance(res, list) else [res]:
+                if isinstance(r, Derived):
+                    for p in r.origins:
+                        if p in gathered:
+                            r.gathered[p] = r.gathered.get(p, frozenset()) | gathered[p]
+        return res
+
+    def _call(self, op: str, args: tuple, kwargs: dict, out_shape: Any = None, fn: Callable | None = None) -> Any:
         if op in R.SHAPE_ONLY:  # metadata or a fresh tensor "like" the argument: no values flow
             return self._plain(out_shape, False)
         flat = list(_flat((args, kwargs)))
@@ -190,10 +213,21 @@ class Analyzer:
         if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SELECTS | R.SPLITS | R.IDENTITY:
             src = args[0] if args and isinstance(args[0], Derived) else derived[0]
             if op in R.SELECTS and _index_is_act(args, kwargs):
-                # rows picked by data (an embedding lookup written as indexing)
-                self.emit(src, "embedding", op, "rows selected by an index computed from inputs",
-                          R.Contraction(neuron=(0,), fan_in=tuple(range(1, len(src.shape or (1,)))), role="embedding"))
-                return self._plain(out_shape, True)
+                # rows picked by data: an embedding lookup, or routed (per-example / per-expert)
+                # weights. Which one is decided by what consumes the result (see emit).
+                new = _map_view(op, src, src.shape, out_shape if isinstance(out_shape, tuple) else None, args, kwargs)
+                if not isinstance(new, Derived):
+                    self.emit(src, "embedding", op, "rows selected by an index computed from inputs",
+                              R.Contraction(neuron=(0,), fan_in=tuple(range(1, len(src.shape or (1,)))),
+                                            role="embedding"))
+                    return self._plain(out_shape, True)
+                for p, org in src.origins.items():
+                    g = new.removed.get(p, frozenset()) - src.removed.get(p, frozenset())
+                    if not g and op in ("index_select", "gather", "take_along_dim"):
+                        d = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", 0)
+                        g = org[d % len(org)] if isinstance(d, int) and org else frozenset()
+                    new.gathered[p] = g or frozenset([0])
+                return new
             return self._view(op, src, args, kwargs, out_shape)
         if op in R.REDUCTIONS:
             return self._reduce(derived[0], args, kwargs, out_shape)
@@ -332,8 +366,8 @@ def _map_view(op, src: Derived, ins, outs, args, kwargs) -> Derived | None:
 
     if op in R.IDENTITY:
         return Derived(ins, dict(src.origins), rem)
-    if op in ("T", "adjoint") or (op == "t" and nd == 2):
-        return perm(list(reversed(range(nd))) if op == "T" else list(range(nd - 2)) + [nd - 1, nd - 2])
+    if op in ("T", "numpy_T", "adjoint") or (op == "t" and nd == 2):
+        return perm(list(reversed(range(nd))) if op in ("T", "numpy_T") else list(range(nd - 2)) + [nd - 1, nd - 2])
     if op == "t":
         return Derived(ins, dict(src.origins), rem)
     if op in ("mT", "mH", "H"):
@@ -470,7 +504,7 @@ def _map_select(op, src: Derived, ins, outs, args, kwargs):
             for p, org in src.origins.items():
                 org_new[p].append(org[d])
             d += 1
-        elif isinstance(i, (Const, Derived)) or hasattr(i, "shape"):
+        elif isinstance(i, (Const, Derived, Act)) or hasattr(i, "shape"):
             # advanced indexing by a constant index tensor (relative-position tables): the
             # indexed dim is gathered; its positions become whatever dims the index has
             shp = getattr(i, "shape", None)

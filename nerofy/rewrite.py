@@ -18,6 +18,7 @@ log = logging.getLogger("nerofy")
 
 _PLAN_ATTR = "_nerofy_plan"
 _HOOK_ATTR = "_nerofy_load_hook"
+_ORDER_ATTR = "_nerofy_param_order"
 
 
 def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -53,6 +54,9 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "unit") -> dict[str, n
         if tuple(params[e.name].shape) != tuple(e.shape):
             raise ValueError(f"{e.name}: plan shape {e.shape} != model shape {tuple(params[e.name].shape)}")
     aliases = _aliases(model)
+    # remember each module's parameter order: bake() restores it (optimizers are built by position)
+    order = {id(m): (m, list(m._parameters.keys())) for m in model.modules() if m._parameters}
+    object.__setattr__(model, _ORDER_ATTR, order)
     targets = {}
     for e in plan:
         p = params[e.name]
@@ -120,6 +124,11 @@ def _install_hooks(model: nn.Module) -> None:
                         for pz in reversed(list(plist)):
                             w = pz.right_inverse(w)
                     state_dict[orig] = w
+                    # a plain checkpoint has no gains: keep the wrapped model's own
+                    for i, pz in enumerate(plist):
+                        key = f"{base}parametrizations.{attr}.{i}._extra_state"
+                        if key not in state_dict and hasattr(pz, "get_extra_state"):
+                            state_dict[key] = pz.get_extra_state()
                     projected += 1
         if projected:
             log.info("nerofy: loaded %d plain weights into a wrapped model; they were projected onto the "
@@ -130,17 +139,35 @@ def _install_hooks(model: nn.Module) -> None:
 
 
 def bake(model: nn.Module) -> nn.Module:
-    """Remove nerofy's parametrizations in place, leaving plain parameters (original names) that
-    hold the balanced weights: the outputs stay identical. Returns the model."""
+    """Remove nerofy's parametrizations in place, leaving plain parameters (original names and
+    order) that hold the balanced weights: the outputs stay identical. Returns the model."""
     done = 0
+    baked: dict[int, nn.Parameter] = {}  # original (shared by tied aliases) -> its baked parameter
     for m in model.modules():
         if not parametrize.is_parametrized(m):
             continue
         for attr in list(m.parametrizations.keys()):
-            if any(isinstance(pz, Balanced) for pz in m.parametrizations[attr]):
+            plist = m.parametrizations[attr]
+            if not any(isinstance(pz, Balanced) for pz in plist):
+                continue
+            key = id(plist.original)
+            if key in baked:
+                # a tied alias: share the one baked tensor (projecting again would drift by rounding)
+                parametrize.remove_parametrizations(m, attr, leave_parametrized=False)
+                setattr(m, attr, baked[key])
+            else:
                 parametrize.remove_parametrizations(m, attr, leave_parametrized=True)
-                done += 1
-    for attr in (_PLAN_ATTR, _HOOK_ATTR):
+                baked[key] = m._parameters[attr]
+            done += 1
+    order = getattr(model, _ORDER_ATTR, {})
+    for m, keys in order.values():
+        if any(k not in m._parameters for k in keys):
+            continue
+        items = dict(m._parameters)
+        m._parameters.clear()
+        for k in keys + [k for k in items if k not in keys]:
+            m._parameters[k] = items[k]
+    for attr in (_PLAN_ATTR, _HOOK_ATTR, _ORDER_ATTR):
         if hasattr(model, attr):
             if attr == _HOOK_ATTR:
                 getattr(model, attr).remove()

@@ -214,14 +214,18 @@ def einsum_operand(equation: str, index: int, ndim: int, data: set[int] | None =
         dims = list(term)
     if len(dims) != ndim:
         return None
+    # A subscript contracted only with other weights links two factors of a chain
+    # (x -> u -> v in 'bi,ir,ro->bo'). It is the output (neuron) index of the factor that meets the
+    # data, and the fan-in of the factor that does not.
     data_subs = None
     if data:
         data_subs = set().union(*[set(terms[i]) for i in data if i < len(terms) and i != index])
+    meets_data = data_subs is not None and any(s in data_subs for s in dims if s != "..." and s not in out)
     neuron, fan_in = [], []
     for d, s in enumerate(dims):
         survives = s in out if s != "..." else "..." in out
-        if not survives and data_subs is not None and s != "..." and s not in data_subs:
-            survives = True  # contracted only with other weights: this factor's output index
+        if not survives and meets_data and s != "..." and s not in data_subs:
+            survives = True
         (neuron if survives else fan_in).append(d)
     if not fan_in:  # nothing contracted: the operand is scaled, not contracted (a gain)
         return Contraction(neuron=tuple(neuron), fan_in=(), role="gain")
