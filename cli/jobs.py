@@ -18,7 +18,9 @@ model added.
 """
 from __future__ import annotations
 
+import functools
 import gc
+import os
 import platform
 import resource
 import sys
@@ -39,10 +41,29 @@ MAX_WARNINGS = 5
 MAX_ERROR = 400
 
 
+@functools.lru_cache(maxsize=1)
+def _git_commit() -> str:
+    """nerofy's git commit (``+dirty`` when nerofy/ has local changes), or '' outside a checkout."""
+    import subprocess
+
+    import nerofy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nerofy.__file__)))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--", "nerofy"], capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+    except Exception:
+        return ""
+    return head + ("+dirty" if head and dirty else "")
+
+
 def versions() -> dict[str, str]:
     import nerofy
 
-    out = {"torch": torch.__version__, "nerofy": nerofy.__version__, "python": platform.python_version()}
+    out = {"torch": torch.__version__, "nerofy": nerofy.__version__, "nerofy_git": _git_commit(),
+           "python": platform.python_version()}
     try:
         import timm
 

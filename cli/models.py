@@ -214,7 +214,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             sd = inner
     if not isinstance(sd, dict) or not any(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CliError(f"{path} holds no state_dict (a dict of tensors, possibly under 'state_dict' or 'model')")
-    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor) or k.endswith("_extra_state")}
     for prefix in ("module.", "model.", "_orig_mod."):
         if sd and all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
@@ -223,8 +223,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def plain_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Rename nerofy-wrapped keys (``x.parametrizations.weight.original``) to plain ones
-    (``x.weight``) and drop the parametrizations' own buffers (``...weight.0.scale``), folding a
-    scale into the weight. The stored tensors are already balanced (Nero re-projects them after
+    (``x.weight``) and drop the parametrizations' own state (``...weight.0._extra_state`` or an
+    older ``...weight.0.scale`` buffer), folding a gain into the weight. The stored tensors are already balanced (Nero re-projects them after
     every step), so the plain weight is ``scale * original`` and wrapping again reproduces it.
     Returns (state_dict, how many were renamed)."""
     out, scales, n = {}, {}, 0
@@ -236,10 +236,15 @@ def plain_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], in
             out[k] = v
             continue
         m = _PZ_STATE.match(k)
-        if m:
-            if m.group(4) == "scale" and v.numel() == 1:
+        if m:  # a parametrization's own state: a gain ("scale" buffer, or extra state {"scale": s})
+            sc = None
+            if m.group(4) == "scale" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                sc = float(v)
+            elif m.group(4) == "_extra_state" and isinstance(v, dict) and "scale" in v:
+                sc = float(v["scale"])
+            if sc is not None:
                 key = f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)
-                scales[key] = scales.get(key, 1.0) * float(v)
+                scales[key] = scales.get(key, 1.0) * sc
             continue
         out[k] = v
     for k, sc in scales.items():
