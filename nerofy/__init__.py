@@ -11,8 +11,7 @@ from .balanced import Balanced, balance, is_balanced
 from .layout import NeuronLayout
 from .optim import Nero
 from .plan import ROLES, Entry, Plan
-from .plan import make_plan as plan
-from .rewrite import bake, is_wrapped, wrap
+from .rewrite import bake, is_wrapped, plan, wrap
 from .scale import calibrate_
 
 __version__ = "0.1.0"
