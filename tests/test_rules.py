@@ -382,11 +382,8 @@ CASES = {
         ["reshape", "view", "flatten", "slice"]),
 }
 
-# known frontend bugs (see the report): the test stays, strict xfail until fixed
-_XFAIL = {
-    ("transposed", "export"): "BUG: export frontend: aten.numpy_T (x @ W.T) is in rules.PERMUTES but analysis._map_view "
-                              "has no case for it (treat it like 'T'), so W goes 'free'",
-}
+# known frontend bugs: (case, frontend) -> "BUG: ..." marks that combination strict xfail until fixed
+_XFAIL: dict[tuple[str, str], str] = {}
 
 
 def _layout(e):
@@ -438,10 +435,6 @@ def test_verify_catches_a_wrong_axis():
     assert verify_axes(model, plan, (x,))["weight"].status == "fail"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rules.einsum_operand(data=...): an index contracted only with "
-                                       "another weight counts as a neuron dim on *both* factors, so v in "
-                                       "'bi,ir,ro->bo' has no fan-in and becomes a 'gain'; only the factor nearer "
-                                       "the data should own the shared index as its neurons")
 def test_einsum_several_parameter_operands_low_rank():
     """'bi,ir,ro->bo': v's neurons are its output columns; u is contracted with x on i."""
     model, x = EinsumLowRank(), torch.randn(2, 8)

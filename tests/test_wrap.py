@@ -215,9 +215,6 @@ def test_bake_gives_identical_outputs_and_plain_keys(tied):
     nerofy.wrap(model, example_inputs=inputs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rewrite.bake: for tied weights remove_parametrizations("
-                                       "leave_parametrized=True) runs once per alias; the first writes the balanced "
-                                       "weight into the shared original, the second projects it again (~6e-8 off)")
 def test_bake_tied_weights_bitwise():
     model, inputs = Mixed(tied=True), mixed_inputs()
     nerofy.wrap(model, example_inputs=inputs)
@@ -228,9 +225,6 @@ def test_bake_tied_weights_bitwise():
     assert torch.equal(model.emb.weight, w)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rewrite.bake: remove_parametrizations re-registers each baked "
-                                       "weight last in its module's _parameters, so named_parameters()/state_dict "
-                                       "order differs from the original model (optimizers are built by position)")
 def test_bake_keeps_parameter_order():
     model = Mixed()
     keys = list(model.state_dict().keys())
@@ -254,9 +248,6 @@ def test_plain_state_dict_loads_into_a_wrapped_model_projected():
     assert constraint_error(model, plan) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rewrite._install_hooks pre-hook maps 'weight' to "
-                                       "'parametrizations.weight.original' but not the Balanced 'scale' buffer "
-                                       "(parametrizations.weight.0.scale): strict load of a plain checkpoint fails")
 def test_plain_state_dict_loads_strictly():
     plain = Mixed().state_dict()
     model, _ = nerofy.wrap(Mixed(), example_inputs=mixed_inputs())
