@@ -17,7 +17,6 @@ from .scale import SCALE_MODES, init_scale
 log = logging.getLogger("nerofy")
 
 _PLAN_ATTR = "_nerofy_plan"
-_HOOK_ATTR = "_nerofy_load_hook"
 _ORDER_ATTR = "_nerofy_param_order"
 
 
@@ -106,36 +105,56 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
     return model, opt
 
 
+def _load_plain_weights(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                        error_msgs) -> None:
+    """Load-state-dict pre-hook: plain ``weight`` keys load into a wrapped model, projected.
+
+    A module-level function bound through ``with_module=True`` (not a closure), so a wrapped model
+    deep-copies and pickles cleanly and a copy's hook points at the copy."""
+    projected = 0
+    for mname, m in module.named_modules():
+        if not parametrize.is_parametrized(m):
+            continue
+        for attr, plist in m.parametrizations.items():
+            if not any(isinstance(pz, Balanced) for pz in plist):
+                continue
+            base = f"{prefix}{mname}." if mname else prefix
+            plain, orig = f"{base}{attr}", f"{base}parametrizations.{attr}.original"
+            if plain in state_dict and orig not in state_dict:
+                w = state_dict.pop(plain)
+                with torch.no_grad():
+                    for pz in reversed(list(plist)):
+                        w = pz.right_inverse(w)
+                state_dict[orig] = w
+                # a plain checkpoint has no gains: keep the wrapped model's own
+                for i, pz in enumerate(plist):
+                    key = f"{base}parametrizations.{attr}.{i}._extra_state"
+                    if key not in state_dict and hasattr(pz, "get_extra_state"):
+                        state_dict[key] = pz.get_extra_state()
+                projected += 1
+    if projected:
+        log.info("nerofy: loaded %d plain weights into a wrapped model; they were projected onto the "
+                 "balanced set, which changes the function unless they were balanced already", projected)
+
+
 def _install_hooks(model: nn.Module) -> None:
     """Let plain checkpoints (``weight`` keys) load into the wrapped model (projected)."""
-    def pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        projected = 0
-        for mname, m in model.named_modules():
-            if not parametrize.is_parametrized(m):
-                continue
-            for attr, plist in m.parametrizations.items():
-                if not any(isinstance(pz, Balanced) for pz in plist):
-                    continue
-                base = f"{prefix}{mname}." if mname else prefix
-                plain, orig = f"{base}{attr}", f"{base}parametrizations.{attr}.original"
-                if plain in state_dict and orig not in state_dict:
-                    w = state_dict.pop(plain)
-                    with torch.no_grad():
-                        for pz in reversed(list(plist)):
-                            w = pz.right_inverse(w)
-                    state_dict[orig] = w
-                    # a plain checkpoint has no gains: keep the wrapped model's own
-                    for i, pz in enumerate(plist):
-                        key = f"{base}parametrizations.{attr}.{i}._extra_state"
-                        if key not in state_dict and hasattr(pz, "get_extra_state"):
-                            state_dict[key] = pz.get_extra_state()
-                    projected += 1
-        if projected:
-            log.info("nerofy: loaded %d plain weights into a wrapped model; they were projected onto the "
-                     "balanced set, which changes the function unless they were balanced already", projected)
+    model._register_load_state_dict_pre_hook(_load_plain_weights, with_module=True)
 
-    handle = model._register_load_state_dict_pre_hook(pre_hook, with_module=True)
-    object.__setattr__(model, _HOOK_ATTR, handle)
+
+def _remove_hooks(model: nn.Module) -> None:
+    for k, h in list(model._load_state_dict_pre_hooks.items()):
+        if getattr(h, "hook", h) is _load_plain_weights:
+            del model._load_state_dict_pre_hooks[k]
+
+
+def _own_class(m: nn.Module) -> None:
+    """Give ``m`` a private copy of its generated parametrized class. copy.deepcopy shares that
+    class between the original and the copy, and remove_parametrizations deletes properties from
+    it: baking a copy would otherwise break the original."""
+    cls = type(m)
+    body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    m.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
 def bake(model: nn.Module) -> nn.Module:
@@ -143,6 +162,7 @@ def bake(model: nn.Module) -> nn.Module:
     order) that hold the balanced weights: the outputs stay identical. Returns the model."""
     done = 0
     baked: dict[int, nn.Parameter] = {}  # original (shared by tied aliases) -> its baked parameter
+    owned: set[int] = set()
     for m in model.modules():
         if not parametrize.is_parametrized(m):
             continue
@@ -150,6 +170,9 @@ def bake(model: nn.Module) -> nn.Module:
             plist = m.parametrizations[attr]
             if not any(isinstance(pz, Balanced) for pz in plist):
                 continue
+            if id(m) not in owned:
+                _own_class(m)
+                owned.add(id(m))
             key = id(plist.original)
             if key in baked:
                 # a tied alias: share the one baked tensor (projecting again would drift by rounding)
@@ -167,10 +190,9 @@ def bake(model: nn.Module) -> nn.Module:
         m._parameters.clear()
         for k in keys + [k for k in items if k not in keys]:
             m._parameters[k] = items[k]
-    for attr in (_PLAN_ATTR, _HOOK_ATTR, _ORDER_ATTR):
+    _remove_hooks(model)
+    for attr in (_PLAN_ATTR, _ORDER_ATTR):
         if hasattr(model, attr):
-            if attr == _HOOK_ATTR:
-                getattr(model, attr).remove()
             object.__delattr__(model, attr)
     if not done:
         log.info("nerofy.bake: %s had no nerofy parametrizations", type(model).__name__)
