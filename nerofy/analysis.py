@@ -398,6 +398,14 @@ def _map_view(op, src: Derived, ins, outs, args, kwargs) -> Derived | None:
         rest = iter(i for i in range(nd) if i not in {a % nd for a in s})
         order = [o if o is not None else next(rest) for o in order]
         return perm(order)
+    if outs is None and op == "flatten":
+        # flatten(start, end) merges a known range of dims: no sizes needed
+        a = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+        b = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+        if isinstance(a, int) and isinstance(b, int) and nd:
+            a, b = a % nd, b % nd
+            origins = {p: org[:a] + (frozenset().union(*org[a:b + 1]),) + org[b + 1:] for p, org in src.origins.items()}
+            return Derived(None, origins, rem)
     if outs is None and op in ("expand", "repeat", "tile", "unsqueeze"):
         # the number of output dims is known from the arguments even when the sizes are not
         n_out = nd + 1 if op == "unsqueeze" else max(nd, len(_ints(args[1:] if len(args) > 1 else kwargs.get("size", ()))))

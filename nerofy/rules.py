@@ -108,7 +108,8 @@ NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", 
 # view ops: output values are input values re-arranged (dims mapped by the analyzer)
 PERMUTES = {"t", "T", "mT", "H", "mH", "transpose", "permute", "movedim", "adjoint", "numpy_T"}
 RESHAPES = {"view", "reshape", "flatten", "unflatten", "view_as", "reshape_as", "ravel"}
-EXPANDS = {"expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "repeat", "tile", "atleast_2d", "atleast_3d"}
+EXPANDS = {"expand", "expand_as", "broadcast_to", "unsqueeze", "squeeze", "repeat", "tile", "atleast_2d", "atleast_3d",
+           "repeat_interleave"}
 SPLITS = {"chunk", "split", "tensor_split", "unbind", "split_with_sizes", "unsafe_split", "unsafe_chunk"}
 SELECTS = {"getitem", "select", "narrow", "slice", "index_select", "index", "gather", "take_along_dim"}
 IDENTITY = {"identity"}

@@ -490,6 +490,18 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
         try:
             if f == "fx":
                 an, _, n = trace_fx(meta, inputs, names, shapes)
+                if n and inputs is not None and "record" in frontends[frontends.index("fx") + 1:]:
+                    # the graph traced but does not run (fx baked in a branch the inputs do not
+                    # take): the recorder follows the real Python forward instead
+                    try:
+                        ran = Analyzer("record", shapes)
+                        record(meta, inputs, {}, ran, names, skip=opaque)
+                        out.attempts.append(("fx", "traced, but the graph did not run on meta: " + n[0][4:]))
+                        out.attempts.append(("record", "ok"))
+                        out.frontend, an = "record", ran
+                        break
+                    except Exception as e:
+                        n.append(f"record after fx: {type(e).__name__}: {_short(e, 80)}")
                 notes += n
             elif f == "record":
                 if inputs is None:
