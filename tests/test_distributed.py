@@ -1,0 +1,230 @@
+"""Distributed training of wrapped models (issue item 4 / docs/ecosystem.md "Distributed").
+
+Two gloo processes on 127.0.0.1 (a free port, bounded time), CPU only:
+
+* DDP stays in sync (parameters and Nero state identical on both ranks) and matches a
+  single-process run on the same global batch;
+* FSDP2 (``fully_shard``) trains with Nero's per-neuron state sharded with the weights (each rank
+  holds the state of its own neurons only) and matches the single-process run.
+
+This file is also the worker: ``python tests/test_distributed.py MODE RANK WORLD PORT OUT``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STEPS = 4
+GLOBAL_BATCH = 8
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 16)
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).mean((2, 3))
+        return self.head(self.ln(F.gelu(self.fc(h))))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
+
+
+def _wrapped(**kw):
+    import nerofy
+
+    torch.manual_seed(0)
+    return nerofy.wrap(Net(), **kw)
+
+
+def _train(model, opt, x, y):
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _rebuild_nero(model, opt, shard, **kw):
+    """FSDP2 replaces every parameter by a sharded DTensor parameter: the Nero from wrap holds the
+    old tensors. Rebuild it with the same groups (by name) after sharding."""
+    import nerofy
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [(g["layout"], [names[id(p)] for p in g["params"]]) for g in opt.param_groups]
+    shard()
+    params = dict(model.named_parameters())
+    return nerofy.Nero([{"params": [params[n] for n in ns], "layout": lay} for lay, ns in groups], **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker
+# ---------------------------------------------------------------------------------------------
+def _worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    x, y = _data()
+    per = GLOBAL_BATCH // world
+    xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    res = {}
+    if mode in ("ddp", "all"):
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        m, opt = _wrapped()  # Nero's default route (fused kernel where it can)
+        ddp = DDP(m)
+        _train(ddp, opt, xs, ys)
+        res["ddp_params"] = {n: p.detach().clone() for n, p in m.named_parameters()}
+        res["ddp_v"] = [opt.state[p]["v"].clone() for g in opt.param_groups for p in g["params"]]
+    if mode in ("fsdp", "all", "fsdp_fused"):
+        from torch.distributed.fsdp import fully_shard
+
+        m, opt = _wrapped()
+
+        def shard():
+            for sub in (m.conv, m.fc, m.head):
+                fully_shard(sub)
+            fully_shard(m)
+
+        opt = _rebuild_nero(m, opt, shard, fused=None if mode == "fsdp_fused" else False)
+        res["fsdp_losses"] = _train(m, opt, xs, ys)
+        res["fsdp_params"] = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
+        res["fsdp_state"] = {n: (tuple(p.shape), tuple(opt.state[p]["v"].shape),
+                                 tuple(opt.state[p]["v"].to_local().shape), str(opt.state[p]["v"].placements))
+                             for n, p in m.named_parameters()}
+        res["fsdp_scale"] = {n: opt.state[p]["scale"] for n, p in m.named_parameters()}
+    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------
+# the launcher
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(mode: str, tmp_path: Path, world: int = 2, timeout: float = 120.0) -> list[dict]:
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, mode, str(r), str(world), str(port), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in procs):
+            # one rank dying (e.g. a crash in a kernel) leaves the other waiting in a collective
+            if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outs = [p.communicate()[0].decode(errors="replace")[-2000:] for p in procs]
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{outs[r]}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
+def _single(**kw):
+    m, opt = _wrapped(**kw)
+    x, y = _data()
+    _train(m, opt, x, y)
+    return {n: p.detach() for n, p in m.named_parameters()}, opt
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _launch("all", tmp_path_factory.mktemp("dist"))
+
+
+def test_ddp_ranks_stay_in_sync(two_ranks):
+    r0, r1 = two_ranks
+    for n, p in r0["ddp_params"].items():
+        assert torch.equal(p, r1["ddp_params"][n]), n
+    for a, b in zip(r0["ddp_v"], r1["ddp_v"]):
+        assert torch.equal(a, b)
+
+
+def test_ddp_matches_single_process_on_the_global_batch(two_ranks):
+    ref, opt = _single()
+    for n, p in two_ranks[0]["ddp_params"].items():
+        torch.testing.assert_close(p, ref[n], rtol=1e-4, atol=2e-5, msg=n)
+    ref_v = [opt.state[p]["v"] for g in opt.param_groups for p in g["params"]]
+    for a, b in zip(two_ranks[0]["ddp_v"], ref_v):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-9)
+
+
+def test_fsdp2_state_is_local_to_each_shard(two_ranks):
+    for r in two_ranks:
+        for n, (shape, v_shape, v_local, placements) in r["fsdp_state"].items():
+            assert "Shard(dim=0)" in placements, (n, placements)
+            if "parametrizations" in n:  # one state value per neuron, sharded like the neurons
+                assert v_shape == (shape[0],) + (1,) * (len(shape) - 1), n
+            else:
+                assert v_shape == shape, n
+            assert v_local[0] == v_shape[0] // 2, n
+
+
+def test_fsdp2_trains_and_stays_balanced(two_ranks):
+    import nerofy
+    from nerofy.layout import NeuronLayout
+
+    for r in two_ranks:
+        assert r["fsdp_losses"][-1] < r["fsdp_losses"][0]
+        for n, p in r["fsdp_params"].items():
+            assert torch.isfinite(p).all(), n
+            if "parametrizations" in n:  # the stored tensor is re-projected by Nero after each step
+                lay = NeuronLayout((0,))
+                torch.testing.assert_close(lay.project(p), p, rtol=0, atol=1e-5)
+    for n, p in two_ranks[0]["fsdp_params"].items():
+        assert torch.equal(p, two_ranks[1]["fsdp_params"][n])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: Nero._init_state computes an unconstrained tensor's step scale s with "
+                   "float(mags.mean()); on an FSDP2 DTensor that is the mean of the LOCAL shard (observed), so each rank uses a different s for the same bias and the run "
+                   "differs from single-process (conv.bias: 0.1407 / 0.0698 on the ranks vs 0.1053). Use "
+                   "mags.mean().full_tensor() for DTensors")
+def test_fsdp2_matches_single_process(two_ranks):
+    ref, _ = _single(fused=False)
+    for r in two_ranks:
+        for n, p in r["fsdp_params"].items():
+            torch.testing.assert_close(p, ref[n], rtol=1e-4, atol=2e-5, msg=n)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="BUG: Nero's default fused kernel (fused=None) takes FSDP2's DTensor "
+                   "parameters (is_cpu, fp32) and passes their data_ptr() to C: the worker segfaults. "
+                   "_fused.partition should send DTensors (isinstance(w, DTensor)) to the foreach path, or use "
+                   "w.to_local()")
+def test_fsdp2_with_default_fused_nero(tmp_path):
+    _launch("fsdp_fused", tmp_path, timeout=90)
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
