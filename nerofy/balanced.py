@@ -42,17 +42,10 @@ class Balanced(nn.Module):
         self.scale = float(state["scale"])
 
     def forward(self, v: Tensor) -> Tensor:
-        view, dims = self.layout.neuron_view(v)
-        if self.layout.center:
-            view = view - view.mean(dim=dims, keepdim=True)
-        if self.layout.normalize:
-            # scale / norm per neuron (fp32): one multiply folds the gain into the normalisation
-            norm = torch.linalg.vector_norm(view, dim=dims, keepdim=True, dtype=_acc(view.dtype))
-            r = self.scale / norm.clamp_min(1e-12)
-            view = view * r if view.dtype == r.dtype else (view.to(r.dtype) * r).to(v.dtype)
-        elif self.scale != 1.0:
-            view = view * self.scale
-        return view.reshape(v.shape)
+        if not self.layout.normalize:
+            w = self.layout.project(v)
+            return w * self.scale if self.scale != 1.0 else w
+        return _BalancedFn.apply(v, self.layout, self.scale)
 
     @torch.no_grad()
     def right_inverse(self, w: Tensor) -> Tensor:
@@ -64,6 +57,51 @@ class Balanced(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}"
+
+
+class _BalancedFn(torch.autograd.Function):
+    """``w = s * c / ||c||`` with ``c = V - mean(V)`` per neuron, with an analytic backward.
+
+    Autograd through the generic ops keeps the centred copy and several temporaries alive until
+    backward and runs a chain of kernels there. Here forward keeps only the output (the consuming
+    conv/linear saves that tensor anyway) and one norm per neuron, and backward is the projected
+    gradient ``dV = s / ||c|| * (g - mean(g) - u <u, g>)`` with ``u = c / ||c||``.
+    """
+
+    @staticmethod
+    def forward(ctx, v: Tensor, layout: NeuronLayout, scale: float) -> Tensor:
+        view, dims = layout.neuron_view(v)
+        c = view - view.mean(dim=dims, keepdim=True) if layout.center else view.clone()
+        norm = torch.linalg.vector_norm(c, dim=dims, keepdim=True, dtype=_acc(c.dtype)).clamp_min_(1e-12)
+        r = scale / norm
+        if c.dtype == r.dtype:
+            c.mul_(r)
+        else:
+            c = (c.to(r.dtype) * r).to(v.dtype)
+        w = c.reshape(v.shape)
+        ctx.save_for_backward(w, norm)
+        ctx.layout, ctx.scale = layout, scale
+        return w
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        w, norm = ctx.saved_tensors
+        layout, scale = ctx.layout, ctx.scale
+        acc = _acc(g.dtype)
+        if layout.axes == (0,) and layout.groups == 1 and w.is_contiguous() and g.is_contiguous():
+            # the common case: rows of a 2-D view, reductions along dim 1 (no permuted strides)
+            wv, gv, dims = w.view(w.shape[0], -1), g.view(g.shape[0], -1), (1,)
+            norm = norm.view(-1, 1)
+        else:
+            wv, dims = layout.neuron_view(w)
+            gv, _ = layout.neuron_view(g)
+        gf = gv.to(acc)
+        u = wv.to(acc)
+        # <u, g> with u = w / s: one temporary, then out = g - mean(g) - u <u, g>, scaled in place
+        dot = (u * gf).sum(dim=dims, keepdim=True).div_(scale * scale)
+        base = gf - gf.mean(dim=dims, keepdim=True) if layout.center else gf.clone()
+        out = torch.addcmul(base, u, dot, value=-1.0).mul_(scale / norm)
+        return out.to(g.dtype).reshape(g.shape), None, None
 
 
 @torch.no_grad()

@@ -94,7 +94,16 @@ def default_inputs(model: nn.Module) -> tuple | None:
     """Example inputs a model declares: timm's ``pretrained_cfg['input_size']`` (batch 2)."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
-        return (torch.empty((2, *cfg["input_size"]), device="meta"),)
+        size = list(cfg["input_size"])
+        # a model built with img_size=... keeps the pretrained cfg's size: believe the model
+        for m in model.modules():
+            hw = getattr(m, "img_size", None)
+            if isinstance(hw, int):
+                hw = (hw, hw)
+            if isinstance(hw, (tuple, list)) and len(hw) == len(size) - 1 and all(isinstance(v, int) for v in hw):
+                size[1:] = hw
+                break
+        return (torch.empty((2, *size), device="meta"),)
     return None
 
 
