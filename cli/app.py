@@ -198,7 +198,9 @@ def convert(
     if as_json:
         if show_plan:
             result["plan"] = plan.to_dict()
-        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        from .zoo import finite
+
+        sys.stdout.write(json.dumps(finite(result), indent=2, default=str) + "\n")
     else:
         if show_plan:
             _print_plan(plan)

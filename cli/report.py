@@ -61,9 +61,18 @@ def summarize(rows: list[dict]) -> dict:
     for r in rows:
         if is_fail(r["status"]):
             groups[(r["status"], reason_key(r))].append(r["name"])
+    warns = defaultdict(list)
+    for r in rows:
+        for w in r.get("warning_samples") or []:
+            k = re.sub(r"^[\w.]+: ", "", w)  # the parameter's name
+            k = re.sub(r"\d+", "N", k)[:140]
+            if r["name"] not in warns[k]:
+                warns[k].append(r["name"])
     versions = Counter(tuple(sorted((r.get("versions") or {}).items())) for r in rows)
     return {"n": len(rows), "status": st, "tracer": tr, "families": dict(sorted(fams.items())),
             "groups": sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])),
+            "warnings": sorted(warns.items(), key=lambda kv: (-len(kv[1]), kv[0])),
+            "free": [r for r in rows if (r.get("tensors_by_role") or {}).get("free")],
             "versions": [dict(v) for v, _ in versions.most_common()],
             "modes": Counter(r.get("mode", "?") for r in rows),
             "share": _median([r.get("constrained_share") for r in rows if r["status"] == "pass"]),
@@ -179,10 +188,20 @@ def _html_table(header, rows, cls="") -> str:
     return f"<table class='{cls}'><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _of_zoo(n: int) -> str:
+    try:
+        import timm
+
+        total = len(timm.list_models())
+    except Exception:
+        return ""
+    return f" (of the {total} in timm.list_models())" if total else ""
+
+
 def render_md(rows: list[dict], s: dict, pngs: dict[str, str], out_dir: str, sources: list[str]) -> str:
     n = s["n"]
     L = [f"# nerofy zoo report", ""]
-    L.append(f"{n} models from {', '.join(f'`{p}`' for p in sources)}; mode: "
+    L.append(f"{n} models{_of_zoo(n)} from {', '.join(f'`{p}`' for p in sources)}; mode: "
              + ", ".join(f"{k} ({v})" for k, v in s["modes"].items()) + ".")
     for v in s["versions"][:3]:
         L.append(f"Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
@@ -200,6 +219,16 @@ def render_md(rows: list[dict], s: dict, pngs: dict[str, str], out_dir: str, sou
         L.append(_md_table(["status", "reason", "models", "examples"],
                            [[st, reason, str(len(names)), ", ".join(names[:6]) + (" …" if len(names) > 6 else "")]
                             for (st, reason), names in s["groups"]]))
+    L += ["", "## Plan warnings", ""]
+    if s["warnings"]:
+        L.append(_md_table(["warning (first 5 per model)", "models", "examples"],
+                           [[w, str(len(names)), ", ".join(names[:6]) + (" …" if len(names) > 6 else "")]
+                            for w, names in s["warnings"]]))
+    else:
+        L.append("No warnings.")
+    if s["free"]:
+        L += ["", f"Models with parameters left unconstrained by fallback ('free'): {len(s['free'])}: "
+              + ", ".join(f"{r['name']} ({r['tensors_by_role']['free']})" for r in s["free"]) + "."]
     if pngs:
         L += ["", "## Plots", ""]
         for title, p in pngs.items():
@@ -223,7 +252,7 @@ def render_html(rows: list[dict], s: dict, pngs: dict[str, str], sources: list[s
     n = s["n"]
     H = [f"<!doctype html><html><head><meta charset='utf-8'><title>nerofy zoo report</title><style>{CSS}</style>"
          "</head><body><h1>nerofy zoo report</h1>"]
-    H.append(f"<p>{n} models from {html.escape(', '.join(sources))}; mode: "
+    H.append(f"<p>{n} models{html.escape(_of_zoo(n))} from {html.escape(', '.join(sources))}; mode: "
              + html.escape(", ".join(f"{k} ({v})" for k, v in s["modes"].items())) + "</p>")
     for v in s["versions"][:3]:
         H.append("<p>Versions: " + html.escape(", ".join(f"{k} {val}" for k, val in v.items())) + "</p>")
@@ -240,6 +269,12 @@ def render_html(rows: list[dict], s: dict, pngs: dict[str, str], sources: list[s
                              [[st, reason, str(len(names)), ", ".join(names)] for (st, reason), names in s["groups"]]))
     else:
         H.append("<p>No failures.</p>")
+    H.append("<h2>Plan warnings</h2>")
+    if s["warnings"]:
+        H.append(_html_table(["warning (first 5 per model)", "models", "examples"],
+                             [[w, str(len(names)), ", ".join(names)] for w, names in s["warnings"]]))
+    else:
+        H.append("<p>No warnings.</p>")
     if pngs:
         H.append("<h2>Plots</h2>")
         for title, p in pngs.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import selectors
 import signal
@@ -85,6 +86,17 @@ def latest_by_name(rows: Iterable[dict]) -> dict[str, dict]:
     return out
 
 
+def finite(obj):
+    """JSON has no NaN/Infinity: non-finite floats become the strings 'nan', 'inf', '-inf'."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 class JsonlWriter:
     """Append-only, one ``os.write`` per row, fsync'd: a kill never tears an earlier row."""
 
@@ -95,7 +107,7 @@ class JsonlWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, row: dict) -> None:
-        data = (json.dumps(row, sort_keys=False) + "\n").encode()
+        data = (json.dumps(finite(row), default=str) + "\n").encode()
         n = os.write(self.fd, data)
         while n < len(data):  # regular files write everything at once; be safe anyway
             data = data[n:]
