@@ -1,0 +1,291 @@
+"""Models beyond timm for ``nerofy zoo --source torchvision|transformers``: name -> factory, example
+inputs and loss. Nothing is downloaded: torchvision models are built with ``weights=None`` (and
+``weights_backbone=None``), Hugging Face models from small configs.
+
+API (what ``nerofy zoo`` calls)::
+
+    sources.SOURCES                         # ("torchvision", "transformers")
+    sources.names(source)                   # every model name of that source, sorted
+    spec = sources.get(source, name)        # a ModelSpec (KeyError with close matches if unknown)
+    model = spec.create(meta=False)         # nn.Module, random init (meta=True: on the meta device)
+    inputs = spec.inputs(batch=2, seed=0)   # a tuple: model(*inputs)
+    loss = spec.loss(model(*inputs))        # a scalar to backpropagate
+    row = sources.check_job(source, name, steps=3, verify=True, max_params=60e6)   # a zoo row
+
+``check_job`` returns the same row fields as ``cli.jobs.check_job`` (``name`` is
+``"<source>:<name>"``, ``family`` the task: classification / detection / segmentation / encoder /
+decoder / encoder-decoder / vision / speech), so the report and expected.json treat it like a timm row.
+Nothing here prints.
+"""
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+SOURCES = ("torchvision", "transformers")
+
+
+def _default_loss(out: Any) -> torch.Tensor:
+    from nerofy.check import default_loss
+
+    return default_loss(out)
+
+
+def _sum_losses(out: Any) -> torch.Tensor:
+    """torchvision detection models in train mode return a dict of losses."""
+    if isinstance(out, dict) and out and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in out.values()):
+        return sum(out.values())
+    return _default_loss(out)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str
+    name: str
+    task: str
+    factory: Callable[[], nn.Module] = field(repr=False)
+    make_inputs: Callable[[int, torch.Generator], tuple] = field(repr=False)
+    loss: Callable[[Any], torch.Tensor] = field(default=_default_loss, repr=False)
+    # real-tensor inputs the planner may trace with (None: the source's default trace without inputs)
+    plan_with_inputs: bool = True
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.source}:{self.name}"
+
+    def create(self, meta: bool = False) -> nn.Module:
+        if meta:
+            with torch.device("meta"):
+                return self.factory()
+        return self.factory()
+
+    def inputs(self, batch: int = 2, seed: int = 0) -> tuple:
+        return self.make_inputs(batch, torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision
+# ---------------------------------------------------------------------------------------------
+_TV_IMAGE = 64
+# classification models that need another input size or a constructor argument at small sizes
+_TV_SIZE = {"inception_v3": 96, "vit_h_14": 56}
+_TV_KW = {"vit_b_16": {"image_size": 64}, "vit_b_32": {"image_size": 64}, "vit_l_16": {"image_size": 64},
+          "vit_l_32": {"image_size": 64}, "vit_h_14": {"image_size": 56}, "maxvit_t": {"input_size": (64, 64)},
+          "inception_v3": {"init_weights": True}, "googlenet": {"init_weights": True}}
+_DET_SIZE = 128
+
+
+def _tv():
+    import torchvision
+
+    return torchvision
+
+
+def _images(c: int, s: int):
+    return lambda b, g: (torch.randn(b, c, s, s, generator=g),)
+
+
+def _det_inputs(name: str):
+    def make(b, g):
+        imgs, targets = [], []
+        for _ in range(b):
+            imgs.append(torch.rand(3, _DET_SIZE, _DET_SIZE, generator=g))
+            xy = torch.rand(2, 2, generator=g) * (_DET_SIZE / 2)
+            boxes = torch.cat([xy, xy + 16 + torch.rand(2, 2, generator=g) * (_DET_SIZE / 2 - 16)], 1)
+            t = {"boxes": boxes, "labels": torch.randint(1, 3, (2,), generator=g)}
+            if name.startswith("maskrcnn"):
+                t["masks"] = torch.zeros(2, _DET_SIZE, _DET_SIZE, dtype=torch.uint8)
+                for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+                    t["masks"][i, y0:y1, x0:x1] = 1
+            if name.startswith("keypointrcnn"):
+                kp = boxes[:, None, :2] + torch.rand(2, 17, 2, generator=g) * 16
+                t["keypoints"] = torch.cat([kp, torch.ones(2, 17, 1)], 2)
+            targets.append(t)
+        return imgs, targets
+    return make
+
+
+def _tv_specs() -> dict[str, ModelSpec]:
+    tv = _tv()
+    M = tv.models
+    out: dict[str, ModelSpec] = {}
+    for name in M.list_models(module=M):
+        kw = dict(_TV_KW.get(name, {}))
+        out[name] = ModelSpec("torchvision", name, "classification",
+                              lambda n=name, kw=kw: M.get_model(n, weights=None, num_classes=10, **kw),
+                              _images(3, _TV_SIZE.get(name, _TV_IMAGE)))
+    for name in M.list_models(module=M.detection):
+        kw: dict = {"weights": None, "weights_backbone": None, "num_classes": 3}
+        if not name.startswith("ssd"):
+            kw.update(min_size=_DET_SIZE, max_size=_DET_SIZE)
+        if name.startswith("keypointrcnn"):
+            kw["num_classes"] = 2
+        out[name] = ModelSpec("torchvision", name, "detection", lambda n=name, kw=kw: M.get_model(n, **kw),
+                              _det_inputs(name), _sum_losses, plan_with_inputs=False)
+    for name in M.list_models(module=M.segmentation):
+        out[name] = ModelSpec("torchvision", name, "segmentation",
+                              lambda n=name: M.get_model(n, weights=None, weights_backbone=None, num_classes=3),
+                              _images(3, _TV_IMAGE))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face transformers (small configs, nothing downloaded)
+# ---------------------------------------------------------------------------------------------
+_VOCAB, _SEQ, _H = 128, 12, 32
+_TXT = dict(vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+def _ids(b, g, n=_SEQ):
+    return torch.randint(1, _VOCAB, (b, n), generator=g)
+
+
+def _hf_specs() -> dict[str, ModelSpec]:
+    def mk(cls_name: str, cfg_name: str, **cfg):
+        def f():
+            import transformers
+
+            config = getattr(transformers, cfg_name)(**cfg)
+            return getattr(transformers, cls_name)(config)
+        return f
+
+    no_cache = dict(use_cache=False)
+    specs = [
+        # encoders
+        ("bert", "encoder", mk("BertModel", "BertConfig", **_TXT),
+         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long))),
+        ("roberta", "encoder", mk("RobertaModel", "RobertaConfig", **dict(_TXT, pad_token_id=0)),
+         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long))),
+        ("distilbert", "encoder", mk("DistilBertModel", "DistilBertConfig", vocab_size=_VOCAB, dim=_H, n_layers=2,
+                                     n_heads=2, hidden_dim=64, max_position_embeddings=64),
+         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long))),
+        # decoders
+        ("gpt2", "decoder", mk("GPT2LMHeadModel", "GPT2Config", vocab_size=_VOCAB, n_embd=_H, n_layer=2, n_head=2,
+                               n_positions=64, **no_cache), lambda b, g: (_ids(b, g),)),
+        ("llama", "decoder", mk("LlamaForCausalLM", "LlamaConfig", **dict(_TXT, num_key_value_heads=1, **no_cache)),
+         lambda b, g: (_ids(b, g),)),
+        # encoder-decoders: (input_ids, attention_mask, decoder_input_ids)
+        ("t5", "encoder-decoder", mk("T5ForConditionalGeneration", "T5Config", vocab_size=_VOCAB, d_model=_H, d_kv=16,
+                                     d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, decoder_start_token_id=0,
+                                     **no_cache),
+         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long), _ids(b, g, 6))),
+        ("bart", "encoder-decoder", mk("BartForConditionalGeneration", "BartConfig", vocab_size=_VOCAB, d_model=_H,
+                                       encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                       max_position_embeddings=64, **no_cache),
+         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long), _ids(b, g, 6))),
+        # vision transformer
+        ("vit", "vision", mk("ViTForImageClassification", "ViTConfig", hidden_size=_H, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=10),
+         lambda b, g: (torch.randn(b, 3, 32, 32, generator=g),)),
+        # speech
+        ("wav2vec2", "speech", mk("Wav2Vec2Model", "Wav2Vec2Config", hidden_size=_H, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
+                                  conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                                  do_stable_layer_norm=True, mask_time_prob=0.0),
+         lambda b, g: (torch.randn(b, 1600, generator=g),)),
+        ("whisper", "speech", mk("WhisperModel", "WhisperConfig", vocab_size=_VOCAB, num_mel_bins=16, d_model=_H,
+                                 encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                 max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1,
+                                 eos_token_id=2, decoder_start_token_id=1, **no_cache),
+         lambda b, g: (torch.randn(b, 16, 64, generator=g), None, _ids(b, g, 6))),
+    ]
+    return {n: ModelSpec("transformers", n, task, f, inp) for n, task, f, inp in specs}
+
+
+_CACHE: dict[str, dict[str, ModelSpec]] = {}
+
+
+def specs(source: str) -> dict[str, ModelSpec]:
+    if source not in SOURCES:
+        raise KeyError(f"unknown source {source!r}; choose from {', '.join(SOURCES)} (or timm)")
+    if source not in _CACHE:
+        _CACHE[source] = _tv_specs() if source == "torchvision" else _hf_specs()
+    return _CACHE[source]
+
+
+def names(source: str) -> list[str]:
+    return sorted(specs(source))
+
+
+def get(source: str, name: str) -> ModelSpec:
+    if ":" in name and name.split(":", 1)[0] in SOURCES:
+        source, name = name.split(":", 1)
+    s = specs(source)
+    if name not in s:
+        close = difflib.get_close_matches(name, list(s), n=3)
+        raise KeyError(f"no {source} model {name!r}" + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return s[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# one zoo row
+# ---------------------------------------------------------------------------------------------
+def check_job(source: str, name: str, stage: Callable[..., None] | None = None, *, steps: int = 3,
+              verify: bool = True, max_params: int | None = 60_000_000, batch: int = 2, seed: int = 0) -> dict:
+    """The full check of one model as a zoo row (the fields of ``cli.jobs.check_job``)."""
+    from nerofy.check import check_model
+
+    from . import jobs
+
+    stage = stage or (lambda *a, **k: None)
+    spec = get(source, name)
+    row = jobs.base_row(spec.full_name, "check")
+    row["family"], row["source"] = spec.task, source
+    row["_cpu0"] = time.process_time()
+    src = jobs.reset_peak()
+    row["base_rss_mb"] = round(jobs.rss_mb(), 1)
+    t0 = time.perf_counter()
+    stage("create")
+    try:  # count on meta first: a model over max_params is never built for real
+        n = sum(p.numel() for p in spec.create(meta=True).parameters())
+    except Exception:
+        n = None
+    if n is not None and max_params and n > max_params:
+        row["total_params"], row["status"] = n, "skipped_size"
+        row["error"] = f"{n / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M"
+        return jobs._finish(row, t0, src)
+    try:
+        torch.manual_seed(seed)
+        model = spec.create()
+        inputs = spec.inputs(batch, seed)
+    except Exception as e:
+        row["status"], row["error"] = ("oom" if jobs.is_oom(e) else "fail_create"), jobs._err(e)
+        return jobs._finish(row, t0, src)
+    row["times"]["create"] = round(time.perf_counter() - t0, 4)
+    row["total_params"] = sum(p.numel() for p in model.parameters())
+    stage("counted", total_params=row["total_params"])
+    if max_params and row["total_params"] > max_params:
+        row["status"] = "skipped_size"
+        row["error"] = f"{row['total_params'] / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M"
+        return jobs._finish(row, t0, src)
+    stage("check")
+    r = check_model(model, inputs, steps=steps, verify=verify, loss_fn=spec.loss,
+                    plan_inputs=inputs if spec.plan_with_inputs else None)
+    d = r.to_dict()
+    row["status"], row["error"] = r.status, r.error[:jobs.MAX_ERROR]
+    if r.status != "pass" and jobs.is_oom(r.error):
+        row["status"] = "oom"
+    row["tracer"] = r.frontend
+    row["tensors_by_role"] = {k: v for k, v in d["tensors_by_role"].items() if v}
+    row["params_by_role"] = {k: v for k, v in d["params_by_role"].items() if v}
+    row["constrained_share"] = round(r.constrained_share, 6)
+    row["warnings"] = len(r.warnings)
+    row["warning_samples"] = [w[:300] for w in r.warnings[:jobs.MAX_WARNINGS]]
+    row["axes"] = d["axes"]
+    row["axis_failures"] = [a[:300] for a in d["axis_failures"][:5]]
+    row["max_constraint_error"] = d["max_constraint_error"]
+    row["loss"] = [round(x, 6) for x in d["loss"]]
+    row["times"].update({k: round(v, 4) for k, v in d["times"].items()})
+    row["steps"] = steps
+    return jobs._finish(row, t0, src)
+
+
+__all__ = ["SOURCES", "ModelSpec", "specs", "names", "get", "check_job"]
