@@ -382,6 +382,9 @@ _ELEMENTWISE = NeuronLayout(axes=None)
 
 
 def _why_not(w: Tensor, g: Tensor, v: Tensor) -> str | None:
+    if any(type(t) is not Tensor for t in (w, g, v)):
+        # tensor subclasses (FSDP2's DTensor, fake tensors): their data_ptr is not the data
+        return f"tensor subclass {type(w).__name__ if type(w) is not Tensor else type(g).__name__}"
     if not (w.is_cpu and g.is_cpu and v.is_cpu):
         return f"device {w.device.type if not w.is_cpu else g.device.type}"
     if w.dtype != _F32 or g.dtype != _F32 or v.dtype != _F32:

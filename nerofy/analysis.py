@@ -211,6 +211,9 @@ class Analyzer:
 
         # views
         if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SELECTS | R.SPLITS | R.IDENTITY:
+            if not (args and isinstance(args[0], Derived)) and op not in R.SELECTS:
+                # x.to(W), x.view_as(W), x.expand_as(W): W lends only its dtype/shape, no values
+                return self._plain(out_shape, has_act)
             src = args[0] if args and isinstance(args[0], Derived) else derived[0]
             if op in R.SELECTS and _index_is_act(args, kwargs):
                 # rows picked by data: an embedding lookup, or routed (per-example / per-expert)

@@ -51,6 +51,8 @@ class Balanced(nn.Module):
     def right_inverse(self, w: Tensor) -> Tensor:
         """Plain weights -> stored tensor: projected onto the balanced set (the function changes
         unless ``w`` was balanced already); neurons with no direction get one (never NaN, never 0)."""
+        if w.is_meta:  # structure only: no values to project (and meta kernels are slow)
+            return torch.empty_like(w)
         v, norms = self.layout.project_with_norms(w)
         fill_dead_(v, self.layout, dead=norms <= DEAD_NORM if norms is not None else None)
         return v

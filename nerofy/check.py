@@ -74,18 +74,27 @@ def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 
                 plan: Plan | None = None, plan_inputs: Any = None, tol: float = 1e-4, loss_fn=default_loss) -> CheckResult:
     """Run the whole check on ``model`` (modified in place: it ends up wrapped)."""
     r = CheckResult()
-    t = time.perf_counter()
-    try:
-        plan = plan or make_plan(model, plan_inputs)
-    except Exception as e:
-        r.status, r.error = "fail_plan", _err(e)
-        return r
-    r.times["plan"] = time.perf_counter() - t
+    if plan is None:
+        t = time.perf_counter()
+        try:
+            plan = make_plan(model, plan_inputs)
+        except Exception as e:
+            r.status, r.error = "fail_plan", _err(e)
+            return r
+        r.times["plan"] = time.perf_counter() - t
     s = plan.summary()
     r.frontend, r.tensors_by_role, r.params_by_role = plan.frontend, s["tensors"], s["params"]
     r.total_params, r.constrained_share, r.warnings = s["total_params"], s["constrained_share"], list(plan.warnings)
-    if plan.frontend == "modules" and any(msg != "ok" for f, msg in plan.attempts if f == "fx"):
-        r.warnings.insert(0, "no graph frontend traced the model")
+    if plan.frontend == "modules" and any(msg != "ok" for f, msg in plan.attempts if f != "note"):
+        # no frontend traced it: module rules placed what they know; the rest is unconstrained
+        unplaced = [e.name for e in plan if e.role == "free" and e.frontend == ""]
+        failed = "; ".join(f"{f}: {msg}" for f, msg in plan.attempts if msg != "ok" and f != "note")
+        if unplaced:
+            r.status = "fail_trace"
+            r.error = (f"no frontend traced the model ({failed}); {len(unplaced)} parameters have no rule and "
+                       f"stay unconstrained: {', '.join(unplaced[:5])}")
+            return r
+        r.warnings.insert(0, f"no graph frontend traced the model ({failed}); module rules placed every parameter")
 
     if verify:
         t = time.perf_counter()

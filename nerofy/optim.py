@@ -334,7 +334,10 @@ class Nero(torch.optim.Optimizer):
         if lay.normalize:
             s = 1.0
         else:
-            s = float(mags.mean()) if mags.numel() else 0.0
+            m = mags.mean() if mags.numel() else torch.zeros(())
+            if hasattr(m, "full_tensor"):  # a sharded (DTensor) parameter: the global mean, same on every rank
+                m = m.full_tensor()
+            s = float(m)
             if not math.isfinite(s) or s <= 0.0:
                 s = group["scale_floor"]
         st["step"] = 0
@@ -386,6 +389,9 @@ class Nero(torch.optim.Optimizer):
     def _step_fused(self, group: dict, neurons: list, elements: list, explicit: bool):
         """Run the fused kernel on what it can take; return (skipped, rest_neurons, rest_elements)."""
         from . import _fused
+
+        if torch.compiler.is_compiling():
+            return 0, neurons, elements  # dynamo cannot see into the C kernel: it traces foreach
 
         if not _fused.available():
             n_rest, why, skipped = len(neurons) + len(elements), _fused.unavailable_reason(), 0
