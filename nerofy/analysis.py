@@ -262,7 +262,7 @@ class Analyzer:
         return Act(out_shape) if act else Const(out_shape)
 
     def _contract(self, val: Derived, rule: R.Contraction, op: str, has_act: bool, argname: str):
-        if op in ("linear",) and argname == "input" or (R.re.fullmatch(r"conv(_transpose)?[123]d", op) and argname == "input"):
+        if argname == R.DATA_SLOT.get(op):
             # a parameter fed where data goes: a learned input (queries, latents), not weights
             self.emit(val, "additive", op, f"fed to {op} as its input (a learned input, not a weight)")
             return

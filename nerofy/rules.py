@@ -102,6 +102,11 @@ def bind(op: str, args: tuple, kwargs: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 # op classes
 # ---------------------------------------------------------------------------------------------
+# the argument of a weighted op that carries data: a parameter there is a learned input (latents,
+# queries), not a weight
+DATA_SLOT = {"linear": "input", "bilinear": "input1", "convolution": "input", "_convolution": "input",
+             **{f"conv{d}d": "input" for d in (1, 2, 3)}, **{f"conv_transpose{d}d": "input" for d in (1, 2, 3)}}
+
 NORMS = {"layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm", "aten_batch_norm",
          "aten_instance_norm", "aten_group_norm"}
 
