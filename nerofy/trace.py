@@ -480,21 +480,23 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
     except Exception as e:
         out.attempts.append(("meta-copy", f"{type(e).__name__}: {_short(e)}"))
         meta = None
+    real_in = None
+    if example_inputs is not None:
+        real_in = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     if meta is not None:
         mnames, _ = param_table(meta)
         names = mnames
         meta.train(model.training)
-    inputs = None
-    if example_inputs is not None:
-        inputs = to_meta(tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,))
-    elif meta is not None:
-        inputs = default_inputs(meta)
+        inputs = to_meta(real_in) if real_in is not None else default_inputs(meta)
+    else:
+        # no meta copy: trace the model itself (fx touches no values), with real inputs if given
+        meta, inputs = model, real_in
 
     an: Analyzer | None = None
     notes: list[str] = []
-    opaque = _opaque_params(meta if meta is not None else model, names)
+    opaque = _opaque_params(meta, names)
     for f in frontends:
-        if f == "modules" or meta is None:
+        if f == "modules":
             break
         try:
             if f == "fx":
@@ -520,7 +522,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                 try:
                     record(meta, inputs, {}, an, names, skip=opaque)
                 except Exception as e:
-                    if example_inputs is None:
+                    if example_inputs is None or meta is model:
                         raise
                     # meta tensors cannot answer value questions (.item(), data-dependent shapes):
                     # one real forward instead, with the user's inputs
@@ -551,7 +553,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
     # opaque leaves (LSTM, MultiheadAttention) and whatever no graph reached: module rules
     rest = {n for n, fs in found.items() if not fs}
     if rest:
-        mf, _unknown = module_findings(meta if meta is not None else model, rest, "modules")
+        mf, _unknown = module_findings(meta, rest, "modules")
         for f in mf:
             if an is not None and f.param not in opaque:
                 f.reason += "; not reached by the traced forward"
