@@ -224,9 +224,6 @@ def test_pickling_a_wrapped_model_fails():
         torch.save(m, io.BytesIO())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: torch.save(wrapped) fails with AttributeError \"Can't pickle "
-                   "local object '_install_hooks.<locals>.pre_hook'\" (rewrite._install_hooks registers a closure), "
-                   "a message that points at neither state_dict nor nerofy.bake")
 def test_pickling_a_wrapped_model_error_points_at_state_dict_or_bake():
     m, _ = _wrapped()
     with pytest.raises(Exception) as ei:
@@ -253,18 +250,12 @@ def test_wrapped_checkpoint_into_plain_model_raises_key_error_and_baking_gives_p
         assert torch.equal(plain(x, tok), m(x, tok))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: bake(copy.deepcopy(m)) breaks m: deepcopy shares the generated "
-                   "Parametrized* class and torch's remove_parametrizations delattr()s the property from that "
-                   "class, so the original loses .weight (AttributeError)")
 def test_baking_a_deepcopy_leaves_the_original_working():
     m, opt = _wrapped()
     nerofy.bake(copy.deepcopy(m))
     _train(m, opt, 0, 1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: rewrite._install_hooks registers a closure over `model`: a deepcopy "
-                   "of a wrapped model keeps a load pre-hook that points at the ORIGINAL model (keeping it alive and "
-                   "reading its modules); the hook should use its `module` argument")
 def test_deepcopy_does_not_keep_the_original_alive():
     import gc
     import weakref

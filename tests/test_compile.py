@@ -2,8 +2,9 @@
 
 * ``torch.compile(wrapped_model)`` runs and matches eager: outputs, gradients, a few training steps
   (one tiny model in the default run; bigger ones are marked slow);
-* ``torch.compile(opt.step)`` matches eager Nero. Dynamo-only checks use ``backend="eager"`` (the
-  bug below is in what dynamo traces, no inductor needed, and it compiles in a second).
+* ``torch.compile(opt.step)`` matches eager Nero, foreach and default (fused) routes. Dynamo-only
+  checks use ``backend="eager"`` (what matters is what dynamo traces; it compiles in a second).
+  Regression: the default route once handed dynamo-traced tensors to the C kernel and lost the update.
 
 Numbers (compile time and step time per route) are in benchmarks/results/compile_cost.md.
 """
@@ -88,10 +89,6 @@ def test_compiled_optimizer_step_foreach_matches_eager():
     assert _step_diff(fused=False) < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: torch.compile(opt.step) with Nero's default fused kernel (fused=None) "
-                   "silently drops the weight update: nero_update/_fused.run hand dynamo-traced tensors' data_ptr() "
-                   "to the ctypes kernel, v advances but the weights do not move. Nero.step should take the foreach "
-                   "path when torch.compiler.is_compiling()")
 def test_compiled_optimizer_step_default_fused_matches_eager():
     assert _step_diff(fused=None) < 1e-5
 

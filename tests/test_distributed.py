@@ -96,7 +96,7 @@ def _worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
         _train(ddp, opt, xs, ys)
         res["ddp_params"] = {n: p.detach().clone() for n, p in m.named_parameters()}
         res["ddp_v"] = [opt.state[p]["v"].clone() for g in opt.param_groups for p in g["params"]]
-    if mode in ("fsdp", "all", "fsdp_fused"):
+    if mode in ("fsdp", "all", "fsdp_foreach"):
         from torch.distributed.fsdp import fully_shard
 
         m, opt = _wrapped()
@@ -106,7 +106,7 @@ def _worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
                 fully_shard(sub)
             fully_shard(m)
 
-        opt = _rebuild_nero(m, opt, shard, fused=None if mode == "fsdp_fused" else False)
+        opt = _rebuild_nero(m, opt, shard, fused=False if mode == "fsdp_foreach" else None)
         res["fsdp_losses"] = _train(m, opt, xs, ys)
         res["fsdp_params"] = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
         res["fsdp_state"] = {n: (tuple(p.shape), tuple(opt.state[p]["v"].shape),
@@ -206,24 +206,11 @@ def test_fsdp2_trains_and_stays_balanced(two_ranks):
         assert torch.equal(p, two_ranks[1]["fsdp_params"][n])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Nero._init_state computes an unconstrained tensor's step scale s with "
-                   "float(mags.mean()); on an FSDP2 DTensor that is the mean of the LOCAL shard (observed), so each rank uses a different s for the same bias and the run "
-                   "differs from single-process (conv.bias: 0.1407 / 0.0698 on the ranks vs 0.1053). Use "
-                   "mags.mean().full_tensor() for DTensors")
 def test_fsdp2_matches_single_process(two_ranks):
     ref, _ = _single(fused=False)
     for r in two_ranks:
         for n, p in r["fsdp_params"].items():
             torch.testing.assert_close(p, ref[n], rtol=1e-4, atol=2e-5, msg=n)
-
-
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: Nero's default fused kernel (fused=None) takes FSDP2's DTensor "
-                   "parameters (is_cpu, fp32) and passes their data_ptr() to C: the worker segfaults. "
-                   "_fused.partition should send DTensors (isinstance(w, DTensor)) to the foreach path, or use "
-                   "w.to_local()")
-def test_fsdp2_with_default_fused_nero(tmp_path):
-    _launch("fsdp_fused", tmp_path, timeout=90)
 
 
 if __name__ == "__main__":
