@@ -324,21 +324,38 @@ def zoo(
     limit: int = typer.Option(0, "--limit", help="only the first N selected models (after sharding)"),
     expected: Optional[str] = typer.Option(None, "--expected", help="JSON name -> status: exit 1 on a regression"),
     list_only: bool = typer.Option(False, "--list", help="print the selected names and exit"),
+    source: str = typer.Option("timm", "--source", help="model zoo: timm, torchvision or transformers "
+                                                         "(built from code or configs, nothing downloaded)"),
 ):
-    """Check many timm models, each in an isolated worker process; one JSONL row per model."""
+    """Check many models (timm by default), each in an isolated worker process; one JSONL row per model."""
     from . import models as M
     from . import zoo as Z
 
-    names = Z.select(M.timm_names(), patterns, exclude, Z.parse_shard(shard))
+    if source == "timm":
+        universe = M.timm_names()
+    else:
+        from . import sources as S
+
+        if source not in S.SOURCES:
+            raise CliError(f"unknown --source {source!r}; choose from timm, {', '.join(S.SOURCES)}")
+        universe = [f"{source}:{n}" for n in S.names(source)]
+        patterns = [p if p.startswith(f"{source}:") else f"{source}:{p}" for p in patterns or []] or None
+        os.environ["NEROFY_WORKER_PREIMPORT"] = "nerofy_cli.sources,torchvision" + \
+            (",transformers" if source == "transformers" else "")
+    names = Z.select(universe, patterns, exclude, Z.parse_shard(shard))
+    if source != "timm":  # select() passes 'pkg.mod:factory' names through; here only the source's own
+        known = set(universe)
+        names = [n for n in names if n in known]
     if patterns and not names:
-        near = sorted({c for p in patterns for c in M.closest(p.strip("*"), M.timm_names(), 3)})
-        raise CliError(f"no timm model matches {' '.join(patterns)}" + (f"; closest: {', '.join(near)}" if near else ""))
+        near = sorted({c for p in patterns for c in M.closest(p.strip("*"), universe, 3)})
+        raise CliError(f"no {source} model matches {' '.join(patterns)}" + (f"; closest: {', '.join(near)}" if near else ""))
     if limit:
         names = names[:limit]
     if list_only:
         sys.stdout.write("\n".join(names) + ("\n" if names else ""))
         return
-    path = out or os.path.join("model_zoo_checks", "structural.jsonl" if structural else "check.jsonl")
+    suffix = "" if source == "timm" else f"_{source}"
+    path = out or os.path.join("model_zoo_checks", ("structural" if structural else "check") + suffix + ".jsonl")
     mode = "structural" if structural else "check"
     err = _err_console()
     done: set[str] = set()
@@ -356,7 +373,7 @@ def zoo(
     err.print(f"nerofy zoo: {len(names)} models selected, {len(names) - len(todo)} already in {escape(path)}, "
               f"{len(todo)} to run ({mode}; {jobs} workers, timeout {timeout:g} s, memory guard {max_mem:.0f} MB"
               + (f", max params {max_params / 1e6:g}M" if (max_params and not structural) else "") + ")")
-    tasks = [{"name": n, "mode": mode, "steps": steps, "verify": verify,
+    tasks = [{"name": n, "mode": mode, "steps": steps, "verify": verify, "source": source,
               "max_params": int(max_params) if max_params else None} for n in todo]
     counts = {"pass": 0, "fail": 0, "skip": 0}
     t0 = time.monotonic()

@@ -289,3 +289,28 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
 
 
 __all__ = ["SOURCES", "ModelSpec", "specs", "names", "get", "check_job"]
+
+
+def structural_job(source: str, name: str, stage: Callable[..., None] | None = None) -> dict:
+    """Trace + plan + rewrite on the meta device, as a zoo row (the fields of ``jobs.structural_job``)."""
+    from . import jobs
+
+    stage = stage or (lambda *a, **k: None)
+    spec = get(source, name)
+    row = jobs.base_row(spec.full_name, "structural")
+    row["family"], row["source"] = spec.task, source
+    row["_cpu0"] = time.process_time()
+    src = jobs.reset_peak()
+    row["base_rss_mb"] = round(jobs.rss_mb(), 1)
+    t0 = time.perf_counter()
+    stage("create")
+    try:
+        model = spec.create(meta=True)
+    except Exception as e:
+        row["status"], row["error"] = ("oom" if jobs.is_oom(e) else "fail_create"), jobs._err(e)
+        return jobs._finish(row, t0, src)
+    row["times"]["create"] = round(time.perf_counter() - t0, 4)
+    row["total_params"] = sum(p.numel() for p in model.parameters())
+    stage("counted", total_params=row["total_params"])
+    row["status"] = jobs.structural(model, row, stage)
+    return jobs._finish(row, t0, src)

@@ -72,6 +72,11 @@ def main() -> None:
         import timm  # noqa: F401
     except ImportError:
         pass
+    for mod in filter(None, os.environ.get("NEROFY_WORKER_PREIMPORT", "").split(",")):
+        try:  # another model source's heavy imports (transformers: ~20 s) stay out of every timeout
+            __import__(mod)
+        except ImportError:
+            pass
 
     def send(msg: dict) -> None:
         proto.write(json.dumps(msg) + "\n")
@@ -89,7 +94,16 @@ def main() -> None:
             send({"event": "stage", "stage": s, **info})
 
         try:
-            if task.get("mode") == "structural":
+            src = task.get("source", "timm")
+            if src != "timm":
+                from . import sources
+
+                if task.get("mode") == "structural":
+                    row = sources.structural_job(src, name, stage)
+                else:
+                    row = sources.check_job(src, name, stage, steps=task.get("steps", 3),
+                                            verify=task.get("verify", True), max_params=task.get("max_params"))
+            elif task.get("mode") == "structural":
                 row = jobs.structural_job(name, stage, kwargs=task.get("kwargs"))
             else:
                 row = jobs.check_job(name, stage, steps=task.get("steps", 3), verify=task.get("verify", True),

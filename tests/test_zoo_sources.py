@@ -1,0 +1,44 @@
+"""`nerofy zoo --source torchvision|transformers`: other model zoos through the same workers."""
+import json
+
+import pytest
+
+pytest.importorskip("typer")
+pytest.importorskip("torchvision")
+from typer.testing import CliRunner  # noqa: E402
+
+from nerofy_cli.app import app  # noqa: E402
+
+
+def _rows(path):
+    return [json.loads(line) for line in open(path) if line.strip()]
+
+
+def test_zoo_source_torchvision_structural_and_check(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "tv.jsonl"
+    res = runner.invoke(app, ["zoo", "--source", "torchvision", "squeezenet1_0", "mobilenet_v3_small",
+                              "--structural", "--out", str(out), "--jobs", "1"])
+    assert res.exit_code == 0, res.stderr
+    rows = _rows(out)
+    assert sorted(r["name"] for r in rows) == ["torchvision:mobilenet_v3_small", "torchvision:squeezenet1_0"]
+    assert all(r["status"] == "pass" and r["source"] == "torchvision" for r in rows)
+    assert all(r["tensors_by_role"].get("neuron", 0) > 0 for r in rows)
+    # resume recognises the prefixed names: nothing left to run
+    res = runner.invoke(app, ["zoo", "--source", "torchvision", "squeezenet1_0", "--structural", "--out", str(out),
+                              "--resume"])
+    assert res.exit_code == 0 and "0 to run" in res.stderr
+    full = tmp_path / "tv_full.jsonl"
+    res = runner.invoke(app, ["zoo", "--source", "torchvision", "squeezenet1_0", "--out", str(full), "--jobs", "1",
+                              "--steps", "1"])
+    assert res.exit_code == 0, res.stderr
+    (row,) = _rows(full)
+    assert row["status"] == "pass" and row["mode"] == "check" and row["axes"]["fail"] == 0
+
+
+def test_zoo_source_errors(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["zoo", "--source", "keras"])
+    assert res.exit_code == 1 and "unknown --source 'keras'" in res.stderr
+    res = runner.invoke(app, ["zoo", "--source", "torchvision", "resnet1800", "--out", str(tmp_path / "x.jsonl")])
+    assert res.exit_code == 1 and "no torchvision model matches" in res.stderr and "torchvision:resnet18" in res.stderr
