@@ -206,6 +206,7 @@ int nero_fused_has_openmp(void) {
 _CHUNK_BYTES = 1 << 16  # work per OpenMP task: small enough to balance, large enough to amortise
 
 _lock = threading.Lock()
+_PARALLEL_MIN_ELEMENTS = 1 << 18  # below ~1 MiB of fp32 weights a step runs on one thread
 _state: dict = {}
 
 
@@ -456,8 +457,12 @@ def run(fused_neurons: list, fused_elements: list, *, lr: float, beta: float, ep
         fmeta += (lr * s, 1.0 / (1.0 - beta ** t))
     mt = torch.tensor(meta, dtype=torch.int64)
     ft = torch.tensor(fmeta, dtype=torch.float64)
+    total = sum(r * c for *_, (r, c), _l, _t, _s in fused_neurons) + sum(w.numel() for w, *_ in fused_elements)
+    # small steps stay on one thread: waking a team costs more than the work, and far more when
+    # the cores are busy (threads then wait for a core at every barrier)
+    threads = 1 if total < _PARALLEL_MIN_ELEMENTS else max(1, torch.get_num_threads())
     skipped = lib.nero_fused_step(n, mt.data_ptr(), ft.data_ptr(), float(beta), float(eps), int(bool(skip_nonfinite)),
-                                  max(1, torch.get_num_threads()), _CHUNK_BYTES)
+                                  threads, _CHUNK_BYTES)
     if skipped < 0:
         raise MemoryError("nerofy fused kernel: out of memory")
     return int(skipped)
