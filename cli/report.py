@@ -188,20 +188,28 @@ def _html_table(header, rows, cls="") -> str:
     return f"<table class='{cls}'><thead><tr>{h}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _of_zoo(n: int) -> str:
+def _of_zoo(n: int, rows: list | None = None) -> str:
+    """' (of the N in <zoo>)' for the zoo the rows come from (timm, or a --source zoo)."""
+    srcs = {r.get("source", "timm") for r in rows or []} or {"timm"}
+    if len(srcs) != 1:
+        return ""
+    src = srcs.pop()
     try:
-        import timm
+        if src == "timm":
+            import timm
 
-        total = len(timm.list_models())
+            return f" (of the {len(timm.list_models())} in timm.list_models())"
+        from . import sources
+
+        return f" (of the {len(sources.names(src))} in nerofy's {src} list)"
     except Exception:
         return ""
-    return f" (of the {total} in timm.list_models())" if total else ""
 
 
 def render_md(rows: list[dict], s: dict, pngs: dict[str, str], out_dir: str, sources: list[str]) -> str:
     n = s["n"]
     L = [f"# nerofy zoo report", ""]
-    L.append(f"{n} models{_of_zoo(n)} from {', '.join(f'`{p}`' for p in sources)}; mode: "
+    L.append(f"{n} models{_of_zoo(n, rows)} from {', '.join(f'`{p}`' for p in sources)}; mode: "
              + ", ".join(f"{k} ({v})" for k, v in s["modes"].items()) + ".")
     for v in s["versions"][:3]:
         L.append(f"Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
@@ -252,7 +260,7 @@ def render_html(rows: list[dict], s: dict, pngs: dict[str, str], sources: list[s
     n = s["n"]
     H = [f"<!doctype html><html><head><meta charset='utf-8'><title>nerofy zoo report</title><style>{CSS}</style>"
          "</head><body><h1>nerofy zoo report</h1>"]
-    H.append(f"<p>{n} models{html.escape(_of_zoo(n))} from {html.escape(', '.join(sources))}; mode: "
+    H.append(f"<p>{n} models{html.escape(_of_zoo(n, rows))} from {html.escape(', '.join(sources))}; mode: "
              + html.escape(", ".join(f"{k} ({v})" for k, v in s["modes"].items())) + "</p>")
     for v in s["versions"][:3]:
         H.append("<p>Versions: " + html.escape(", ".join(f"{k} {val}" for k, val in v.items())) + "</p>")
