@@ -1,0 +1,131 @@
+"""Edge cases of tracing, planning and checking found by the zoo sweeps and the ecosystem tests."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nerofy
+from nerofy.balanced import _BalancedFn
+from nerofy.check import check_model
+from nerofy.layout import NeuronLayout
+from nerofy.plan import make_plan
+from nerofy.verify import verify_axes
+
+
+class RoutedExperts(nn.Module):
+    """Per-example expert weights picked by data (W[idx]) and contracted: routed neurons."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.w_in = nn.Parameter(torch.randn(4, 8, 16))
+        self.w_out = nn.Parameter(torch.randn(4, 16, 8))
+        self.table = nn.Parameter(torch.randn(10, 8))
+
+    def forward(self, x, ids):
+        x = x + self.table[ids]  # indexing by data, then added: an embedding
+        e = self.router(x).argmax(-1)
+        h = torch.bmm(x.unsqueeze(1), self.w_in[e]).squeeze(1)
+        return torch.einsum("bi,bio->bo", h, self.w_out.index_select(0, e))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_routed_expert_weights_are_neurons_and_indexed_rows_an_embedding(frontend):
+    inputs = (torch.randn(5, 8), torch.randint(0, 10, (5,)))
+    plan = make_plan(RoutedExperts(), inputs, frontends=(frontend,))
+    assert (plan["w_in"].role, plan["w_in"].axes, plan["w_in"].fan_in) == ("neuron", (0, 2), 8)
+    assert (plan["w_out"].role, plan["w_out"].axes, plan["w_out"].fan_in) == ("neuron", (0, 2), 16)
+    assert (plan["table"].role, plan["table"].axes) == ("embedding", (0,))
+
+
+def test_tensor_that_only_lends_its_dtype_carries_no_values():
+    class OneHot(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(2, 16, 8))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, pos):
+            oh = F.one_hot(pos, 16).permute(0, 2, 1, 3).to(self.table)  # x.to(W): dtype only
+            return self.fc((oh @ self.table).sum(1))
+
+    e = nerofy.plan(OneHot(), (torch.randint(0, 16, (3, 5, 2)),))["table"]
+    assert (e.role, e.axes, e.fan_in, e.warnings) == ("neuron", (0, 2), 16, [])
+
+
+def test_model_that_cannot_be_copied_to_meta_is_traced_directly():
+    class Locked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lock = threading.Lock()  # deepcopy fails on this
+            self.w = nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x):
+            return x @ self.w
+
+    plan = nerofy.plan(Locked())
+    assert plan.attempts[0][0] == "meta-copy" and "pickle" in plan.attempts[0][1]
+    assert plan.frontend == "fx" and (plan["w"].role, plan["w"].axes) == ("neuron", (1,))
+
+
+def test_no_frontend_and_no_rule_is_fail_trace():
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 4))
+
+        def forward(self, x):
+            if x.sum() > 0:  # value-dependent: fx cannot trace; no inputs for the others
+                return x @ self.w
+            return x
+
+    r = check_model(Opaque(), (torch.ones(2, 4),), plan=make_plan(Opaque()), verify=False)
+    assert r.status == "fail_trace" and "w" in r.error and "no frontend traced" in r.error
+
+
+def test_verify_widens_its_sample_for_weights_used_in_pieces():
+    class Chunked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(12, 8))
+            self.v = nn.Parameter(torch.randn(8, 6))
+
+        def forward(self, x):
+            a, b, _ = self.w.chunk(3, 0)
+            return F.linear(x, a).sum() + F.linear(x, b).sum() + (x @ self.v).sum()
+
+    m, x = Chunked(), torch.randn(3, 8)
+    plan = nerofy.plan(m, (x,))
+    res = verify_axes(m, plan, (x,))
+    assert res["w"].status == "ok" and res["v"].status == "ok"
+    plan.override("v", axis=0)  # wrong on purpose: input rows are not independent outputs
+    assert verify_axes(m, plan, (x,))["v"].status == "fail"
+
+
+def test_default_inputs_follow_a_timm_models_own_img_size():
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        m = timm.create_model("vit_tiny_patch16_224", img_size=64)
+    plan = nerofy.plan(m)
+    assert plan.attempts == [("fx", "ok")] and not plan.warnings
+
+
+def test_plan_of_a_wrapped_model_is_the_plan_it_was_wrapped_with():
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    plan = nerofy.plan(m)
+    m, _ = nerofy.wrap(m, plan=plan)
+    assert nerofy.plan(m) is plan
+
+
+@pytest.mark.parametrize("layout, shape, scale", [
+    (NeuronLayout((0,)), (5, 3, 2, 2), 1.0),
+    (NeuronLayout((1,), split_axis=0, groups=2), (6, 4, 3), 0.7),
+    (NeuronLayout((0, 2)), (3, 4, 5), 2.0),
+    (NeuronLayout((0,), center=False), (5, 7), 1.3),
+])
+def test_balanced_backward_is_the_exact_projected_gradient(layout, shape, scale):
+    v = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _BalancedFn.apply(t, layout, scale), (v,))
+    torch.testing.assert_close(_BalancedFn.apply(v, layout, scale), layout.project(v) * scale)
