@@ -194,14 +194,20 @@ def _finish(row: dict, t0: float, source: str) -> dict:
     return row
 
 
-def structural_job(name: str, stage: Stage = _noop, kwargs: dict | None = None) -> dict:
-    """Trace + plan + rewrite on the meta device."""
-    row = base_row(name, "structural")
+def start_row(name: str, mode: str, stage: Stage = _noop) -> tuple[dict, str, float]:
+    """A fresh row with the CPU clock and the peak-memory mark reset: (row, peak source, t0)."""
+    row = base_row(name, mode)
     row["_cpu0"] = time.process_time()
     source = reset_peak()
     row["base_rss_mb"] = round(rss_mb(), 1)
     t0 = time.perf_counter()
     stage("create")
+    return row, source, t0
+
+
+def structural_job(name: str, stage: Stage = _noop, kwargs: dict | None = None) -> dict:
+    """Trace + plan + rewrite on the meta device."""
+    row, source, t0 = start_row(name, "structural", stage)
     try:
         model = M.create(name, meta=True, kwargs=kwargs)
     except Exception as e:
@@ -221,12 +227,7 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool =
     """The full check (see module doc); models over ``max_params`` get ``skipped_size``."""
     from nerofy.check import check_model
 
-    row = base_row(name, "check")
-    row["_cpu0"] = time.process_time()
-    source = reset_peak()
-    row["base_rss_mb"] = round(rss_mb(), 1)
-    t0 = time.perf_counter()
-    stage("create")
+    row, source, t0 = start_row(name, "check", stage)
     try:
         meta = M.create(name, meta=True, kwargs=kwargs)
         n = M.count_params(meta)

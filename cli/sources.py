@@ -242,13 +242,8 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
 
     stage = stage or (lambda *a, **k: None)
     spec = get(source, name)
-    row = jobs.base_row(spec.full_name, "check")
+    row, src, t0 = jobs.start_row(spec.full_name, "check", stage)
     row["family"], row["source"] = spec.task, source
-    row["_cpu0"] = time.process_time()
-    src = jobs.reset_peak()
-    row["base_rss_mb"] = round(jobs.rss_mb(), 1)
-    t0 = time.perf_counter()
-    stage("create")
     try:  # count on meta first: a model over max_params is never built for real
         n = sum(p.numel() for p in spec.create(meta=True).parameters())
     except Exception:
@@ -302,13 +297,8 @@ def structural_job(source: str, name: str, stage: Callable[..., None] | None = N
 
     stage = stage or (lambda *a, **k: None)
     spec = get(source, name)
-    row = jobs.base_row(spec.full_name, "structural")
+    row, src, t0 = jobs.start_row(spec.full_name, "structural", stage)
     row["family"], row["source"] = spec.task, source
-    row["_cpu0"] = time.process_time()
-    src = jobs.reset_peak()
-    row["base_rss_mb"] = round(jobs.rss_mb(), 1)
-    t0 = time.perf_counter()
-    stage("create")
     try:
         model = spec.create(meta=True)
     except Exception as e:
