@@ -16,12 +16,7 @@ from nerofy.check import constraint_error
 from nerofy.rewrite import wrapped_plan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Net(nn.Module):

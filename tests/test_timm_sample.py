@@ -13,13 +13,7 @@ from nerofy.verify import verify_axes
 timm = pytest.importorskip("timm")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one intra-op thread is as fast, and immune to oversubscription on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 FAST = {  # name -> input size (square)
     "vit_tiny_patch16_224": 32,
