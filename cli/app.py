@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -42,6 +43,27 @@ def _err_console() -> Console:
 
 def debug() -> bool:
     return os.environ.get("NEROFY_DEBUG", "") not in ("", "0", "false", "no")
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="show the library's info messages")) -> None:
+    """Turn PyTorch models into balanced networks trained by Nero."""
+    _route_library_logs(logging.DEBUG if debug() else logging.INFO if verbose else logging.WARNING)
+
+
+def _route_library_logs(level: int) -> None:
+    """The library logs through `logging` (logger "nerofy"); the CLI shows it as rich lines on stderr."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("nerofy")
+    for h in [h for h in logger.handlers if getattr(h, "_nerofy_cli", False)]:
+        logger.removeHandler(h)
+    handler = RichHandler(console=_err_console(), show_time=False, show_path=False, markup=False,
+                          rich_tracebacks=debug())
+    handler._nerofy_cli = True
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 def _one_line(e: BaseException) -> str:
