@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .balanced import Balanced, balance, is_balanced
-from .layout import ELEMENTWISE, NeuronLayout
+from .layout import NeuronLayout
 from .optim import Nero
 from .plan import Plan, make_plan
 from .scale import SCALE_MODES, init_scale
@@ -49,6 +49,10 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "unit") -> dict[str, n
     if missing:
         raise ValueError(f"the plan names parameters this model does not have: {missing[:5]}; "
                          "was it made for another model? Build it with nerofy.plan(model).")
+    extra = [n for n in params if n not in plan.entries]
+    if extra:
+        raise ValueError(f"the plan has no entry for {len(extra)} of this model's parameters ({', '.join(extra[:5])}); "
+                         "they would be left out of the optimizer. Build the plan with nerofy.plan(model).")
     for e in plan:
         if tuple(params[e.name].shape) != tuple(e.shape):
             raise ValueError(f"{e.name}: plan shape {e.shape} != model shape {tuple(params[e.name].shape)}")
@@ -216,4 +220,4 @@ def plan(model: nn.Module, example_inputs=None, frontends=None) -> Plan:
     return make_plan(model, example_inputs) if frontends is None else make_plan(model, example_inputs, tuple(frontends))
 
 
-__all__ = ["wrap", "bake", "apply_plan", "is_wrapped", "ELEMENTWISE"]
+__all__ = ["wrap", "plan", "bake", "apply_plan", "is_wrapped", "wrapped_plan"]

@@ -129,3 +129,13 @@ def test_balanced_backward_is_the_exact_projected_gradient(layout, shape, scale)
     v = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: _BalancedFn.apply(t, layout, scale), (v,))
     torch.testing.assert_close(_BalancedFn.apply(v, layout, scale), layout.project(v) * scale)
+
+
+def test_wrap_refuses_a_plan_that_leaves_parameters_out():
+    from nerofy.plan import Plan
+
+    m = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    partial = Plan([e for e in nerofy.plan(m) if not e.name.startswith("1.")])
+    with pytest.raises(ValueError, match="no entry for 2 of this model's parameters"):
+        nerofy.wrap(m, plan=partial)
+    assert not nerofy.is_wrapped(m)
