@@ -78,7 +78,8 @@ class ModelSpec:
 # ---------------------------------------------------------------------------------------------
 _TV_IMAGE = 64
 # classification models that need another input size or a constructor argument at small sizes
-_TV_SIZE = {"inception_v3": 96, "vit_h_14": 56, "maxvit_t": 224}  # maxvit: multiples of 7 * 32 only
+# maxvit: multiples of 7 * 32 only; inception_v3's train-mode aux head needs its 299 px
+_TV_SIZE = {"inception_v3": 299, "vit_h_14": 56, "maxvit_t": 224}
 _TV_KW = {"vit_b_16": {"image_size": 64}, "vit_b_32": {"image_size": 64}, "vit_l_16": {"image_size": 64},
           "vit_l_32": {"image_size": 64}, "vit_h_14": {"image_size": 56},
           "inception_v3": {"init_weights": True}, "googlenet": {"init_weights": True}}
@@ -102,7 +103,9 @@ def _det_inputs(name: str):
             imgs.append(torch.rand(3, _DET_SIZE, _DET_SIZE, generator=g))
             xy = torch.rand(2, 2, generator=g) * (_DET_SIZE / 2)
             boxes = torch.cat([xy, xy + 16 + torch.rand(2, 2, generator=g) * (_DET_SIZE / 2 - 16)], 1)
-            t = {"boxes": boxes, "labels": torch.randint(1, 3, (2,), generator=g)}
+            # keypoint R-CNN has 2 classes (background, person): labels must stay below 2
+            hi = 2 if name.startswith("keypointrcnn") else 3
+            t = {"boxes": boxes, "labels": torch.randint(1, hi, (2,), generator=g)}
             if name.startswith("maskrcnn"):
                 t["masks"] = torch.zeros(2, _DET_SIZE, _DET_SIZE, dtype=torch.uint8)
                 for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
