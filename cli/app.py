@@ -61,9 +61,12 @@ def _route_library_logs(level: int) -> None:
     handler = RichHandler(console=_err_console(), show_time=False, show_path=False, markup=False,
                           rich_tracebacks=debug())
     handler._nerofy_cli = True
+    handler.setLevel(level)
     logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+    if level < logging.WARNING:  # -v / NEROFY_DEBUG: let info (debug) records through the logger too
+        logger.setLevel(level)
+    # propagation stays on: a host application's (or pytest's) handlers keep seeing nerofy's records;
+    # the root logger has no handler in a plain CLI run, so nothing is printed twice
 
 
 def _one_line(e: BaseException) -> str:
