@@ -221,6 +221,28 @@ def structural_job(name: str, stage: Stage = _noop, kwargs: dict | None = None) 
     return _finish(row, t0, source)
 
 
+def fill_check_row(row: dict, r, steps: int) -> None:
+    """Copy a nerofy.check.CheckResult into a zoo row (status, roles, axes, loss, times)."""
+    d = r.to_dict()
+    row["status"], row["error"] = r.status, r.error[:MAX_ERROR]
+    if r.status != "pass" and is_oom(r.error):
+        row["status"] = "oom"
+    row["tracer"] = r.frontend
+    row["tensors_by_role"] = {k: v for k, v in d["tensors_by_role"].items() if v}
+    row["params_by_role"] = {k: v for k, v in d["params_by_role"].items() if v}
+    if r.total_params:
+        row["total_params"] = r.total_params
+    row["constrained_share"] = round(r.constrained_share, 6)
+    row["warnings"] = len(r.warnings)
+    row["warning_samples"] = [w[:300] for w in r.warnings[:MAX_WARNINGS]]
+    row["axes"] = d["axes"]
+    row["axis_failures"] = [a[:300] for a in d["axis_failures"][:5]]
+    row["max_constraint_error"] = d["max_constraint_error"]
+    row["loss"] = [round(x, 6) for x in d["loss"]]
+    row["times"].update({k: round(v, 4) for k, v in d["times"].items()})
+    row["steps"] = steps
+
+
 def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool = True,
               max_params: int | None = 60_000_000, kwargs: dict | None = None, batch: int = 2,
               seed: int = 0) -> dict:
@@ -273,23 +295,6 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool =
     _plan_fields(row, plan)
     stage("check")
     r = check_model(model, inputs, steps=steps, verify=verify, plan=plan)
-    d = r.to_dict()
-    row["status"], row["error"] = r.status, r.error[:MAX_ERROR]
-    if r.status != "pass" and is_oom(r.error):
-        row["status"] = "oom"
-    row["tracer"] = r.frontend
-    row["tensors_by_role"] = {k: v for k, v in d["tensors_by_role"].items() if v}
-    row["params_by_role"] = {k: v for k, v in d["params_by_role"].items() if v}
-    if r.total_params:
-        row["total_params"] = r.total_params
-    row["constrained_share"] = round(r.constrained_share, 6)
-    row["warnings"] = len(r.warnings)
-    row["warning_samples"] = [w[:300] for w in r.warnings[:MAX_WARNINGS]]
-    row["axes"] = d["axes"]
-    row["axis_failures"] = [a[:300] for a in d["axis_failures"][:5]]
-    row["max_constraint_error"] = d["max_constraint_error"]
-    row["loss"] = [round(x, 6) for x in d["loss"]]
-    row["times"].update({k: round(v, 4) for k, v in d["times"].items()})
-    row["steps"] = steps
+    fill_check_row(row, r, steps)
     del model, inputs, r
     return _finish(row, t0, source)

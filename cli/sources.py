@@ -272,22 +272,7 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
     stage("check")
     r = check_model(model, inputs, steps=steps, verify=verify, loss_fn=spec.loss,
                     plan_inputs=inputs if spec.plan_with_inputs else None)
-    d = r.to_dict()
-    row["status"], row["error"] = r.status, r.error[:jobs.MAX_ERROR]
-    if r.status != "pass" and jobs.is_oom(r.error):
-        row["status"] = "oom"
-    row["tracer"] = r.frontend
-    row["tensors_by_role"] = {k: v for k, v in d["tensors_by_role"].items() if v}
-    row["params_by_role"] = {k: v for k, v in d["params_by_role"].items() if v}
-    row["constrained_share"] = round(r.constrained_share, 6)
-    row["warnings"] = len(r.warnings)
-    row["warning_samples"] = [w[:300] for w in r.warnings[:jobs.MAX_WARNINGS]]
-    row["axes"] = d["axes"]
-    row["axis_failures"] = [a[:300] for a in d["axis_failures"][:5]]
-    row["max_constraint_error"] = d["max_constraint_error"]
-    row["loss"] = [round(x, 6) for x in d["loss"]]
-    row["times"].update({k: round(v, 4) for k, v in d["times"].items()})
-    row["steps"] = steps
+    jobs.fill_check_row(row, r, steps)
     return jobs._finish(row, t0, src)
 
 
