@@ -276,9 +276,6 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
     return jobs._finish(row, t0, src)
 
 
-__all__ = ["SOURCES", "ModelSpec", "specs", "names", "get", "check_job"]
-
-
 def structural_job(source: str, name: str, stage: Callable[..., None] | None = None) -> dict:
     """Trace + plan + rewrite on the meta device, as a zoo row (the fields of ``jobs.structural_job``)."""
     from . import jobs
@@ -297,3 +294,6 @@ def structural_job(source: str, name: str, stage: Callable[..., None] | None = N
     stage("counted", total_params=row["total_params"])
     row["status"] = jobs.structural(model, row, stage)
     return jobs._finish(row, t0, src)
+
+
+__all__ = ["SOURCES", "ModelSpec", "specs", "names", "get", "check_job", "structural_job"]

@@ -189,7 +189,7 @@ class Analyzer:
                 if rule == "passthrough":
                     passthrough = val
                 elif isinstance(rule, R.Contraction):
-                    self._contract(val, rule, op, has_act, name)
+                    self._contract(val, rule, op, name)
                 else:
                     self.emit(val, rule, op, f"{name} of {op}")
         if op == "einsum" and operands:
@@ -203,7 +203,7 @@ class Analyzer:
                     elif rule.role == "gain":
                         self.emit(val, "gain", op, f"einsum operand {i}: nothing contracted, it scales")
                     else:
-                        self._contract(val, rule, op, has_act, f"operand {i}")
+                        self._contract(val, rule, op, f"operand {i}")
         if ruled:
             if passthrough is not None:
                 return self._elementwise([passthrough], out_shape or passthrough.shape)
@@ -261,7 +261,7 @@ class Analyzer:
             return [Act(s) if act else Const(s) for s in out_shape]
         return Act(out_shape) if act else Const(out_shape)
 
-    def _contract(self, val: Derived, rule: R.Contraction, op: str, has_act: bool, argname: str):
+    def _contract(self, val: Derived, rule: R.Contraction, op: str, argname: str):
         if argname == R.DATA_SLOT.get(op):
             # a parameter fed where data goes: a learned input (queries, latents), not weights
             self.emit(val, "additive", op, f"fed to {op} as its input (a learned input, not a weight)")

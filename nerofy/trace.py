@@ -239,8 +239,8 @@ def _needs_inside_look(mod: nn.Module) -> bool:
     return False
 
 
-def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str], shapes: dict) -> tuple[Analyzer, set[str], list[str]]:
-    """Symbolic trace + analysis. Returns (analyzer, parameters placed, notes)."""
+def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str], shapes: dict) -> tuple[Analyzer, list[str]]:
+    """Symbolic trace + analysis. Returns (analyzer, notes); notes name what did not run."""
     notes = []
     leaves, autowrap = _timm_hooks(meta_model)
     tracer = _Tracer(leaves, autowrap)
@@ -335,13 +335,11 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
                 an.emit(v, "free", "output", "returned by forward without being consumed")
 
     # leaf modules: module rules for what they cover; the recorder's look inside for the rest
-    placed = {f.param for f in an.findings}
     for target, mod in leaf_calls:
         for f in _leaf_rule_findings(target, mod, names):
             an.findings.append(f)
     an.findings.extend(inside_an.findings)
-    placed = {f.param for f in an.findings}
-    return an, placed, notes
+    return an, notes
 
 
 def _is_user_function(fn) -> bool:
@@ -500,7 +498,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
             break
         try:
             if f == "fx":
-                an, _, n = trace_fx(meta, inputs, names, shapes)
+                an, n = trace_fx(meta, inputs, names, shapes)
                 if n and inputs is not None and "record" in frontends[frontends.index("fx") + 1:]:
                     # the graph traced but does not run (fx baked in a branch the inputs do not
                     # take): the recorder follows the real Python forward instead
