@@ -196,6 +196,8 @@ def main(argv=None):
     ap.add_argument("--sweep-deep-epochs", type=int, default=10, help="sweep epochs for deep MLPs")
     ap.add_argument("--reuse-sweep", type=Path, nargs="+", help="take sweep results for these models from JSON")
     ap.add_argument("--merge", type=Path, nargs="+", help="only merge these JSON files into --name and plot")
+    ap.add_argument("--configs", nargs="+", help="run only these final-run labels (e.g. 'AdamW default'), to fill "
+                                                 "cells missing from an earlier run; merge afterwards")
     a = ap.parse_args(argv)
     if a.merge:
         a.merge = [f for f in a.merge if f.exists()]
@@ -258,6 +260,11 @@ def main(argv=None):
         if not a.no_sweep:
             for kind in ("Adam", "AdamW", "SGD", "nerofy"):
                 configs.append((f"{kind} tuned", kind, best[kind]))
+        if a.configs:
+            unknown = set(a.configs) - {c[0] for c in configs}
+            if unknown:
+                ap.error(f"--configs: no config {', '.join(sorted(unknown))}; known: {', '.join(c[0] for c in configs)}")
+            configs = [c for c in configs if c[0] in a.configs]
         done = {}
         for label, kind, lr in configs:
             accs = []

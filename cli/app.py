@@ -338,6 +338,7 @@ def zoo(
     resume: bool = typer.Option(False, "--resume", help="skip models already in the output file"),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/N: this run's share (0 <= i < N) of the sorted names"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="worker processes (default: CPU cores)"),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads per worker (default: CPU cores / jobs)"),
     timeout: float = typer.Option(300.0, "--timeout", help="seconds per model before its worker is killed"),
     max_params: float = typer.Option(60e6, "--max-params", help="larger models get the structural check and "
                                                                  "'skipped_size' (0: no limit)"),
@@ -345,6 +346,13 @@ def zoo(
                                                        "(default: 80% of available memory / jobs)"),
     steps: int = typer.Option(3, "--steps", min=1, help="Nero steps per model (full check)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="verify neuron axes (full check)"),
+    verify_sample: bool = typer.Option(False, "--verify-sample", help="verify one parameter per distinct (module "
+                                                                      "type, shape, axes): for big models"),
+    batch: int = typer.Option(2, "--batch", min=1, help="samples per check batch, at the model's own input size"),
+    retry: Optional[str] = typer.Option(None, "--retry", help="with --resume: run again the models whose last row "
+                                                               "has one of these statuses (comma-separated)"),
+    order: str = typer.Option("name", "--order", help="name, or size: smallest first by the parameter counts "
+                                                      "already in the output file (for --retry)"),
     exclude: Optional[List[str]] = typer.Option(None, "--exclude", "-x", help="names or globs to leave out"),
     limit: int = typer.Option(0, "--limit", help="only the first N selected models (after sharding)"),
     expected: Optional[str] = typer.Option(None, "--expected", help="JSON name -> status: exit 1 on a regression"),
@@ -383,22 +391,36 @@ def zoo(
     path = out or os.path.join("model_zoo_checks", ("structural" if structural else "check") + suffix + ".jsonl")
     mode = "structural" if structural else "check"
     err = _err_console()
+    if order not in ("name", "size"):
+        raise CliError(f"--order wants name or size, got {order!r}")
+    if retry and not resume:
+        raise CliError("--retry re-runs rows of an existing file: add --resume")
+    retry_set = {s.strip() for s in (retry or "").split(",") if s.strip()}
+    from nerofy.check import STATUSES
+
+    if retry_set - set(STATUSES):
+        raise CliError(f"--retry: unknown status {', '.join(sorted(retry_set - set(STATUSES)))}; "
+                       f"choose from {', '.join(STATUSES)}")
     done: set[str] = set()
+    prev: dict[str, dict] = {}
     if resume:
         cut = Z.repair_tail(path)
-        prev = [r for r in Z.read_rows(path) if r.get("mode", mode) == mode]
-        done = {r["name"] for r in prev}
+        prev = Z.latest_by_name(r for r in Z.read_rows(path) if r.get("mode", mode) == mode)
+        done = {n for n, r in prev.items() if r.get("status") not in retry_set}
         if cut:
             err.print(f"[yellow]resume: cut a torn last line ({cut} bytes) from {escape(path)}[/yellow]")
     elif os.path.exists(path) and os.path.getsize(path) > 0:
         raise CliError(f"{path} exists; pass --resume to continue it, or --out another file")
     todo = [n for n in names if n not in done]
+    if order == "size":  # known counts first, smallest first; unknown ones keep name order at the end
+        todo.sort(key=lambda n: (prev.get(n, {}).get("total_params") is None, prev.get(n, {}).get("total_params") or 0))
     jobs = jobs or (os.cpu_count() or 1)
     max_mem = max_mem or Z.default_max_mem_mb(jobs)
     err.print(f"nerofy zoo: {len(names)} models selected, {len(names) - len(todo)} already in {escape(path)}, "
-              f"{len(todo)} to run ({mode}; {jobs} workers, timeout {timeout:g} s, memory guard {max_mem:.0f} MB"
+              f"{len(todo)} to run ({mode}; {jobs} workers x {threads or max(1, (os.cpu_count() or 1) // jobs)} threads, timeout {timeout:g} s, memory guard {max_mem:.0f} MB"
               + (f", max params {max_params / 1e6:g}M" if (max_params and not structural) else "") + ")")
-    tasks = [{"name": n, "mode": mode, "steps": steps, "verify": verify, "source": source,
+    tasks = [{"name": n, "mode": mode, "steps": steps, "source": source, "batch": batch,
+              "verify": ("sample" if verify_sample else True) if verify else False,
               "max_params": int(max_params) if max_params else None} for n in todo]
     counts = {"pass": 0, "fail": 0, "skip": 0}
     t0 = time.monotonic()
@@ -412,7 +434,7 @@ def zoo(
             counts[key] += 1
             prog.advance(row, counts)
 
-        pool = Z.Pool(jobs=jobs, timeout=timeout, max_mem_mb=max_mem)
+        pool = Z.Pool(jobs=jobs, timeout=timeout, max_mem_mb=max_mem, threads=threads)
         pool.run(tasks, on_row, on_start=prog.started)
     wall = time.monotonic() - t0
     err.print(f"done in {wall:.0f} s: [green]{counts['pass']} pass[/green], [red]{counts['fail']} fail[/red], "

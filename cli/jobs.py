@@ -221,9 +221,10 @@ def structural_job(name: str, stage: Stage = _noop, kwargs: dict | None = None) 
     return _finish(row, t0, source)
 
 
-def fill_check_row(row: dict, r, steps: int) -> None:
+def fill_check_row(row: dict, r, steps: int, batch: int | None = None, verify: bool | str = True) -> None:
     """Copy a nerofy.check.CheckResult into a zoo row (status, roles, axes, loss, times)."""
     d = r.to_dict()
+    row["batch"], row["verify"] = batch, verify
     row["status"], row["error"] = r.status, r.error[:MAX_ERROR]
     if r.status != "pass" and is_oom(r.error):
         row["status"] = "oom"
@@ -243,7 +244,7 @@ def fill_check_row(row: dict, r, steps: int) -> None:
     row["steps"] = steps
 
 
-def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool = True,
+def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool | str = True,
               max_params: int | None = 60_000_000, kwargs: dict | None = None, batch: int = 2,
               seed: int = 0) -> dict:
     """The full check (see module doc); models over ``max_params`` get ``skipped_size``."""
@@ -295,6 +296,6 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool =
     _plan_fields(row, plan)
     stage("check")
     r = check_model(model, inputs, steps=steps, verify=verify, plan=plan)
-    fill_check_row(row, r, steps)
+    fill_check_row(row, r, steps, batch, verify)
     del model, inputs, r
     return _finish(row, t0, source)

@@ -157,8 +157,29 @@ def _family_rows(s: dict) -> list[list[str]]:
 
 FAMILY_HEADER = ["family", "models", "pass", "fail", "skipped", "pass rate", "tracer", "median constrained",
                  "median wrap s"]
-MODEL_HEADER = ["model", "status", "tracer", "params", "constrained", "neuron/gain/bias/other tensors", "wrap s",
-                "total s", "peak MB", "error"]
+MODEL_HEADER = ["model", "status", "tracer", "params", "constrained", "neuron/gain/bias/other tensors", "checked at",
+                "wrap s", "total s", "peak MB", "error"]
+
+
+def checked_at(r: dict) -> str:
+    """How a full-check row was run: batch and input size, and whether axes were sampled."""
+    if r.get("mode") != "check" or not r.get("input_size"):
+        return ""
+    size = "x".join(str(d) for d in r["input_size"])
+    verify = {"sample": ", axes sampled", False: ", axes not verified"}.get(r.get("verify"), "")
+    return f"{r.get('batch') or 2} x {size}{verify}"
+
+
+def check_settings(rows: list[dict]) -> str:
+    """One sentence on the batch sizes and axis checks behind the full-check rows."""
+    c = Counter((r.get("batch") or 2, r.get("verify", True)) for r in rows if r.get("mode") == "check"
+                and r.get("input_size"))
+    if not c:
+        return ""
+    parts = [f"{n} at batch {b}" + {"sample": " with axes verified on one parameter per distinct (module type, "
+                                              "shape, axes)", False: " without axis verification"}.get(v, "")
+             for (b, v), n in sorted(c.items(), key=lambda kv: -kv[1])]
+    return "Full checks run at each model's own input size: " + "; ".join(parts) + "."
 
 
 def _model_row(r: dict) -> list[str]:
@@ -167,7 +188,7 @@ def _model_row(r: dict) -> list[str]:
     t = r.get("times") or {}
     return [r["name"], r["status"], r.get("tracer") or "", _params(r.get("total_params")),
             _f(r.get("constrained_share"), "{:.1%}") if r.get("tracer") else "",
-            f"{tb.get('neuron', 0)}/{tb.get('gain', 0)}/{tb.get('bias', 0)}/{other}" if tb else "",
+            f"{tb.get('neuron', 0)}/{tb.get('gain', 0)}/{tb.get('bias', 0)}/{other}" if tb else "", checked_at(r),
             _f(wrap_time(r)), _f(t.get("total")), _f(r.get("peak_rss_mb"), "{:.0f}"), (r.get("error") or "")[:200]]
 
 
@@ -220,6 +241,8 @@ def render_md(rows: list[dict], s: dict, pngs: dict[str, str], out_dir: str, sou
     if s["share"] is not None:
         L.append(f"Median share of parameters constrained (passing models): {s['share']:.1%}. "
                  f"Summed per-model time: {s['cpu_s'] / 60:.1f} min.")
+    if check_settings(rows):
+        L += ["", check_settings(rows)]
     L += ["", "## Failures by reason", ""]
     if not s["groups"]:
         L.append("No failures.")
@@ -271,6 +294,8 @@ def render_html(rows: list[dict], s: dict, pngs: dict[str, str], sources: list[s
     if s["share"] is not None:
         H.append(f"<p>Median share of parameters constrained (passing models): {s['share']:.1%}. "
                  f"Summed per-model time: {s['cpu_s'] / 60:.1f} min.</p>")
+    if check_settings(rows):
+        H.append(f"<p>{html.escape(check_settings(rows))}</p>")
     H.append("<h2>Failures by reason</h2>")
     if s["groups"]:
         H.append(_html_table(["status", "reason", "models", "examples"],

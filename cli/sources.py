@@ -237,7 +237,7 @@ def get(source: str, name: str) -> ModelSpec:
 # one zoo row
 # ---------------------------------------------------------------------------------------------
 def check_job(source: str, name: str, stage: Callable[..., None] | None = None, *, steps: int = 3,
-              verify: bool = True, max_params: int | None = 60_000_000, batch: int = 2, seed: int = 0) -> dict:
+              verify: bool | str = True, max_params: int | None = 60_000_000, batch: int = 2, seed: int = 0) -> dict:
     """The full check of one model as a zoo row (the fields of ``cli.jobs.check_job``)."""
     from nerofy.check import check_model
 
@@ -272,7 +272,7 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
     stage("check")
     r = check_model(model, inputs, steps=steps, verify=verify, loss_fn=spec.loss,
                     plan_inputs=inputs if spec.plan_with_inputs else None)
-    jobs.fill_check_row(row, r, steps)
+    jobs.fill_check_row(row, r, steps, batch, verify)
     return jobs._finish(row, t0, src)
 
 

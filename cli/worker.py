@@ -102,12 +102,14 @@ def main() -> None:
                     row = sources.structural_job(src, name, stage)
                 else:
                     row = sources.check_job(src, name, stage, steps=task.get("steps", 3),
-                                            verify=task.get("verify", True), max_params=task.get("max_params"))
+                                            verify=task.get("verify", True), max_params=task.get("max_params"),
+                                            batch=task.get("batch", 2))
             elif task.get("mode") == "structural":
                 row = jobs.structural_job(name, stage, kwargs=task.get("kwargs"))
             else:
                 row = jobs.check_job(name, stage, steps=task.get("steps", 3), verify=task.get("verify", True),
-                                     max_params=task.get("max_params"), kwargs=task.get("kwargs"))
+                                     max_params=task.get("max_params"), kwargs=task.get("kwargs"),
+                                     batch=task.get("batch", 2))
         except BaseException as e:  # a bug in the job itself: still one row
             row = jobs.base_row(name, task.get("mode", "check"))
             row["status"] = "oom" if jobs.is_oom(e) else "fail_create"

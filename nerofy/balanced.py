@@ -98,11 +98,16 @@ class _BalancedFn(torch.autograd.Function):
             wv, dims = layout.neuron_view(w)
             gv, _ = layout.neuron_view(g)
         gf = gv.to(acc)
-        u = wv.to(acc)
-        # <u, g> with u = w / s: one temporary, then out = g - mean(g) - u <u, g>, scaled in place
-        dot = (u * gf).sum(dim=dims, keepdim=True).div_(scale * scale)
-        base = gf - gf.mean(dim=dims, keepdim=True) if layout.center else gf.clone()
-        out = torch.addcmul(base, u, dot, value=-1.0).mul_(scale / norm)
+        u = wv.to(acc)  # = s * unit direction
+        # out = a (g - mean(g)) - a <u, g> / s^2 u with a = s / ||c||, in two weight-sized passes
+        # after the reductions: t = -a mean(g) - coef u, then out = t + a g (no centred copy of g)
+        a = scale / norm
+        coef = (u * gf).sum(dim=dims, keepdim=True).mul_(a).div_(scale * scale)
+        if layout.center:
+            out = torch.addcmul(gf.mean(dim=dims, keepdim=True).mul_(-a), u, coef, value=-1.0)
+        else:
+            out = u * coef.neg_()
+        out.addcmul_(gf, a)
         return out.to(g.dtype).reshape(g.shape), None, None
 
 

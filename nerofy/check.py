@@ -70,9 +70,14 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:300]}"
 
 
-def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 0.01, verify: bool = True,
+def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 0.01, verify: bool | str = True,
                 plan: Plan | None = None, plan_inputs: Any = None, tol: float = 1e-4, loss_fn=default_loss) -> CheckResult:
-    """Run the whole check on ``model`` (modified in place: it ends up wrapped)."""
+    """Run the whole check on ``model`` (modified in place: it ends up wrapped).
+
+    ``verify``: True checks every constrained parameter's axes, ``"sample"`` one per distinct
+    (module type, shape, axes) (``axes["sampled_out"]`` counts the rest), False none."""
+    if verify not in (True, False, "sample"):
+        raise ValueError(f"verify must be True, False or 'sample', got {verify!r}")
     r = CheckResult()
     if plan is None:
         t = time.perf_counter()
@@ -99,8 +104,10 @@ def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 
     if verify:
         t = time.perf_counter()
         try:
-            res = verify_axes(model, plan, inputs)
+            res = verify_axes(model, plan, inputs, sample=verify == "sample")
             r.axes = {k: sum(1 for v in res.values() if v.status == k) for k in ("ok", "fail", "unverified")}
+            if verify == "sample":
+                r.axes["sampled_out"] = sum(1 for e in plan if e.role == "neuron") - len(res)
             r.axis_failures = [f"{v.name}: {v.detail}" for v in res.values() if v.status == "fail"]
         except Exception as e:
             r.axes = {"error": _err(e)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -208,6 +209,27 @@ class _Tracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+_CONSTANT = (type(None), bool, int, float, str)
+
+
+def _defaulted_args(model: nn.Module, inputs: tuple | None) -> dict[str, Any] | None:
+    """forward() arguments the caller does not pass, at their constant defaults (``mask=None``,
+    ``return_loss=False``). Traced as proxies, ``if mask is not None`` would take the branch the
+    real call never takes (and the graph then fails on the None); the plan is for the call made
+    with ``inputs``, so those arguments are constants."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    given = len(inputs) if inputs is not None else sum(1 for p in positional if p.default is p.empty)
+    out = {p.name: p.default for p in positional[given:]
+           if p.default is not p.empty and isinstance(p.default, _CONSTANT)}
+    out.update({p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY
+                and p.default is not p.empty and isinstance(p.default, _CONSTANT)})
+    return out or None
+
+
 class _ShapeInterp(fx.Interpreter):
     """Runs the graph on meta tensors, keeping every node's output (for shapes) and looking
     inside leaf modules that module rules do not cover."""
@@ -244,7 +266,7 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
     notes = []
     leaves, autowrap = _timm_hooks(meta_model)
     tracer = _Tracer(leaves, autowrap)
-    graph = tracer.trace(meta_model)
+    graph = tracer.trace(meta_model, concrete_args=_defaulted_args(meta_model, inputs))
     gm = fx.GraphModule(tracer.root, graph)
     an = Analyzer("fx", shapes)
     inside_an = Analyzer("fx+record", shapes)

@@ -66,11 +66,26 @@ def _first_tensor(out):
 
 
 @torch.no_grad()
-def verify_axes(model: nn.Module, plan: Plan, inputs: tuple, neurons: int = 3, names: list[str] | None = None
-                ) -> dict[str, AxisCheck]:
-    """Check the neuron axes of the plan's constrained parameters on a *plain* (unwrapped) model."""
+def verify_axes(model: nn.Module, plan: Plan, inputs: tuple, neurons: int = 3, names: list[str] | None = None,
+                sample: bool = False) -> dict[str, AxisCheck]:
+    """Check the neuron axes of the plan's constrained parameters on a *plain* (unwrapped) model.
+
+    ``sample=True`` checks one parameter per distinct (module type, shape, axes, centering): the
+    repeated blocks of a big model share their rules, and each replay costs a layer's forward.
+    The others are absent from the result (callers count them as sampled out)."""
     params = dict(model.named_parameters())
     targets = [e for e in plan if e.role == "neuron" and (names is None or e.name in names) and e.name in params]
+    if sample:
+        mods = dict(model.named_modules())
+        seen, kept = set(), []
+        for e in targets:
+            owner = mods.get(e.name.rpartition(".")[0])
+            key = (type(owner).__name__, e.name.rpartition(".")[2], tuple(params[e.name].shape), tuple(e.axes),
+                   e.center)
+            if key not in seen:
+                seen.add(key)
+                kept.append(e)
+        targets = kept
     storages = {_storage_key(params[e.name]): e.name for e in targets}
     cap = _Capture(storages)
     with cap:

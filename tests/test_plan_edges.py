@@ -139,3 +139,41 @@ def test_wrap_refuses_a_plan_that_leaves_parameters_out():
     with pytest.raises(ValueError, match="no entry for 2 of this model's parameters"):
         nerofy.wrap(m, plan=partial)
     assert not nerofy.is_wrapped(m)
+
+
+def test_sampled_verify_checks_one_parameter_per_repeated_layer():
+    torch.manual_seed(0)
+    blocks = [nn.Sequential(nn.Linear(16, 16), nn.ReLU()) for _ in range(4)]
+    m = nn.Sequential(nn.Linear(8, 16), *blocks, nn.Linear(16, 3))
+    x = torch.randn(4, 8)
+    plan = make_plan(m, (x,))
+    full = verify_axes(m, plan, (x,))
+    sampled = verify_axes(m, plan, (x,), sample=True)
+    assert len(full) == 6 and all(v.status == "ok" for v in full.values())
+    # three distinct (type, attr, shape, axes): 8->16, 16->16 (four times), 16->3
+    assert sorted(sampled) == ["0.weight", "1.0.weight", "5.weight"]
+    assert all(v.status == "ok" for v in sampled.values())
+    r = check_model(m, (x,), steps=1, verify="sample")
+    assert r.status == "pass" and r.axes == {"ok": 3, "fail": 0, "unverified": 0, "sampled_out": 3}
+    with pytest.raises(ValueError, match="verify must be"):
+        check_model(m, (x,), verify="some")
+
+
+class OptionalMask(nn.Module):
+    """forward(x, mask=None, *, scale=False): the branches the call without them never takes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+
+    def forward(self, x, mask=None, *, double=False):
+        if mask is not None:
+            x = x * mask.view(x.shape[0], -1)
+        y = self.fc(x)
+        return y * 2 if double else y
+
+
+def test_fx_traces_arguments_left_at_constant_defaults_as_constants():
+    plan = make_plan(OptionalMask(), (torch.randn(3, 8),))
+    assert plan.frontend == "fx" and plan.attempts == [("fx", "ok")]
+    assert (plan["fc.weight"].role, plan["fc.weight"].axes) == ("neuron", (0,))

@@ -233,3 +233,37 @@ def test_kill_mid_run_loses_nothing_and_resume_finishes(tmp_path, zoo_models):
     rows = _rows(out)
     assert sorted(r["name"] for r in rows) == sorted(names + extra)  # each exactly once
     assert rows[:len(first)] == first
+
+
+def test_retry_reruns_size_skipped_models_at_batch_1_with_sampled_verify(tmp_path, zoo_models):
+    out = tmp_path / "zoo.jsonl"
+    m = zoo_models
+    names = [f"{m}:ok", f"{m}:broken"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--jobs", "1", "--max-params", "100", "--steps", "1"])
+    assert res.exit_code == 0, res.stderr
+    assert {r["name"]: r["status"] for r in _rows(out)} == {f"{m}:ok": "skipped_size", f"{m}:broken": "skipped_size"}
+    # bad uses: one clear line each
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--retry", "skipped_size"])
+    assert res.exit_code == 1 and "--resume" in res.stderr
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--resume", "--retry", "skiped"])
+    assert res.exit_code == 1 and "unknown status skiped" in res.stderr
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--resume", "--order", "big"])
+    assert res.exit_code == 1 and "--order" in res.stderr
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--resume", "--retry", "skipped_size", "--order", "size",
+                              "--max-params", "0", "--batch", "1", "--verify-sample", "--steps", "1", "--jobs", "1"])
+    assert res.exit_code == 0, res.stderr
+    assert "2 to run" in res.stderr
+    rows = _rows(out)
+    assert len(rows) == 4  # appended: the latest row of a name supersedes the earlier one
+    latest = Z.latest_by_name(rows)
+    assert latest[f"{m}:ok"]["status"] == "pass" and latest[f"{m}:broken"]["status"] == "fail_forward"
+    ok = latest[f"{m}:ok"]
+    assert ok["batch"] == 1 and ok["verify"] == "sample" and ok["input_size"] == [8]
+    assert ok["axes"]["ok"] >= 1 and "sampled_out" in ok["axes"]
+    md, _ = R.write_report(list(latest.values()), str(tmp_path), plots=False)
+    text = open(md).read()
+    assert "| 1 x 8, axes sampled |" in text and "2 at batch 1 with axes verified on one parameter" in text
+    # nothing left to retry now that the rows pass or fail for a reason
+    res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--resume", "--retry", "skipped_size"])
+    assert res.exit_code == 0 and "0 to run" in res.stderr
