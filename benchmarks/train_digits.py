@@ -208,6 +208,7 @@ def main(argv=None):
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
         plot(res, a.plots)
+        (a.out / f"{a.name}.md").write_text(table(res) + "\n")
         print(table(res))
         return
     if a.quick:
@@ -285,8 +286,9 @@ def main(argv=None):
     res["meta"]["total_s"] = time.perf_counter() - T0
     save()
     plot(res, a.plots)
+    (a.out / f"{a.name}.md").write_text(table(res) + "\n")
     print(table(res))
-    print(f"wrote {out_json} and plots in {a.plots}")
+    print(f"wrote {out_json}, its tables ({a.name}.md) and plots in {a.plots}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -297,8 +299,10 @@ def summarize(res):
     out = {}
     for (m, label), rs in rows.items():
         accs = [r["acc"] for r in rs]
+        tail = [statistics.mean(r["curve"][-5:]) for r in rs]  # the last epochs: less noisy than the final one
         out[(m, label)] = {"lr": rs[0]["lr"], "mean": statistics.mean(accs),
                            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                           "last5": statistics.mean(tail), "last5_std": statistics.stdev(tail) if len(tail) > 1 else 0.0,
                            "time": statistics.mean(r["time_s"] for r in rs), "n": len(rs),
                            "diverged": sum(r["diverged"] for r in rs)}
     return out
@@ -319,6 +323,23 @@ def table(res):
             d = f" ({v['diverged']} div.)" if v["diverged"] else ""
             cells.append(f"{v['mean']:.3f} ± {v['std']:.3f} @{fmt_lr(v['lr'])}, {v['time']:.1f}s{d}")
         lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean test accuracy over the last 5 epochs (mean ± std over seeds):", "",
+              "| config | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
+    for lab in labels:
+        lines.append(f"| {lab} | " + " | ".join(f"{s[(m, lab)]['last5']:.3f} ± {s[(m, lab)]['last5_std']:.3f}"
+                                                 if (m, lab) in s else "" for m in models) + " |")
+    if res.get("sweep"):
+        kinds = list(dict.fromkeys(r["opt"] for r in res["sweep"]))
+        lines += ["", "Learning-rate sweeps (validation accuracy, seed 0; bold = chosen):", "",
+                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for m in dict.fromkeys(r["model"] for r in res["sweep"]):
+            cells = []
+            for k in kinds:
+                rs = sorted((r for r in res["sweep"] if r["model"] == m and r["opt"] == k), key=lambda r: r["lr"])
+                best = max(rs, key=lambda r: (r["acc"], -abs(math.log(r["lr"] / DEFAULT_LR[k])))) if rs else None
+                cells.append(" ".join((f"**{fmt_lr(r['lr'])}: {r['acc']:.2f}**" if r is best else
+                                       f"{fmt_lr(r['lr'])}: {r['acc']:.2f}") for r in rs))
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

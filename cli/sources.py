@@ -272,6 +272,11 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
     stage("check")
     r = check_model(model, inputs, steps=steps, verify=verify, loss_fn=spec.loss,
                     plan_inputs=inputs if spec.plan_with_inputs else None)
+    if jobs.needs_batch_2(batch, r.error):
+        del model, inputs, r
+        jobs.release_memory()
+        return jobs.batch_2_row(check_job(source, name, stage, steps=steps, verify=verify, max_params=max_params,
+                                          batch=2, seed=seed))
     jobs.fill_check_row(row, r, steps, batch, verify)
     return jobs._finish(row, t0, src)
 

@@ -57,6 +57,11 @@ def zoo_models(tmp_path, monkeypatch):
             time.sleep(60)
             return x
 
+        def bn_head():  # BatchNorm on one value per channel at batch 1 (a BN after global pooling)
+            m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+            m.pretrained_cfg = {"input_size": (8,)}
+            return m
+
         def broken():
             m = _net()
             m.forward = lambda x: x.reshape(-1, 5)  # fails in the forward
@@ -267,3 +272,13 @@ def test_retry_reruns_size_skipped_models_at_batch_1_with_sampled_verify(tmp_pat
     # nothing left to retry now that the rows pass or fail for a reason
     res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--resume", "--retry", "skipped_size"])
     assert res.exit_code == 0 and "0 to run" in res.stderr
+
+
+def test_batch_1_falls_back_to_batch_2_only_for_batchnorm_on_single_values(zoo_models):
+    m = zoo_models
+    row = J.check_job(f"{m}:bn_head", batch=1, max_params=None, steps=1)
+    assert row["status"] == "pass" and row["batch"] == 2 and "BatchNorm" in row["note"]
+    row = J.check_job(f"{m}:ok", batch=1, max_params=None, steps=1)
+    assert row["status"] == "pass" and row["batch"] == 1 and "note" not in row
+    row = J.check_job(f"{m}:broken", batch=1, max_params=None, steps=1)
+    assert row["status"] == "fail_forward" and row["batch"] == 1
