@@ -55,7 +55,7 @@ for kind, lr in (("nerofy", 0.01), ("Adam", 1e-3)):
         plain, recal = [], []
         for ep in range(EPOCHS):
             perm = torch.randperm(len(Xtr), generator=g)
-            for i in range(0, len(Xtr), 64):
+            for i in range(0, len(Xtr) - 63, 64):  # full batches, as train_digits.py
                 idx = perm[i:i + 64]
                 loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
                 opt.zero_grad(set_to_none=True); loss.backward(); opt.step()

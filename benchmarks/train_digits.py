@@ -156,7 +156,9 @@ def train(model_name, kind, lr, seed, data, epochs, batch=64):
     for ep in range(epochs):
         perm = torch.randperm(len(Xtr), generator=g)
         tot, n = 0.0, 0
-        for i in range(0, len(Xtr), batch):
+        # full batches only: the ragged tail (1347 = 21 x 64 + 3) would be a 3-sample step, and
+        # Nero (no momentum) takes it at full size in a noisy direction (docs/results.md §1b)
+        for i in range(0, len(Xtr) - batch + 1, batch):
             idx = perm[i:i + batch]
             loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
             opt.zero_grad(set_to_none=True)

@@ -98,9 +98,9 @@ def build(config: str, model, x):
     if config == BASE:
         return model, torch.optim.AdamW(model.parameters())
     if config == OURS:
-        return nerofy.wrap(model, example_inputs=(x[:1],))
+        return nerofy.wrap(model, example_inputs=(x[:2],))
     if config == "plain + nerofy Nero":
-        plan = nerofy.plan(model, (x[:1],))
+        plan = nerofy.plan(model, (x[:2],))
         params = dict(model.named_parameters())
         groups: dict = {}
         for e in plan:

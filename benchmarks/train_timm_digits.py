@@ -78,14 +78,16 @@ def run(key, label, lr, seed, data, a, log):
     for ep in range(a.epochs):
         perm = torch.randperm(len(Xtr), generator=g)[:n]
         tot = 0.0
-        for i in range(0, n, a.batch):
+        seen = 0
+        for i in range(0, n - a.batch + 1, a.batch):  # full batches only, as in train_digits.py
             idx = perm[i:i + a.batch]
             loss = F.cross_entropy(model(Xtr[idx]), ytr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             tot += float(loss.detach()) * len(idx)
-        losses.append(tot / n)
+            seen += len(idx)
+        losses.append(tot / seen)
         curve.append(accuracy(model, Xte, yte))
         log(f"  {key} {label} seed {seed} epoch {ep + 1}: train loss {losses[-1]:.3f}  test acc {curve[-1]:.3f}")
     return {"model": key, "label": label, "lr": lr, "seed": seed, "curve": curve, "train_loss": losses,

@@ -293,8 +293,10 @@ def _check_inputs(model: nn.Module, example_inputs) -> None:
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]
+        hint = ("BatchNorm in training mode needs more than one value per channel: pass a batch of at least 2"
+                if "more than 1 value per channel" in msg else "Pass inputs the model's forward accepts")
         raise ValueError(f"example_inputs of shapes {shapes} do not fit {type(model).__name__}: "
-                         f"{type(e).__name__}: {msg[:200]}. Pass inputs the model's forward accepts.") from e
+                         f"{type(e).__name__}: {msg[:200]}. {hint}.") from e
 
 
 def _key(f: Finding):

@@ -183,3 +183,10 @@ def test_plain_checkpoint_into_wrapped_and_wrapped_into_plain():
     m.load_state_dict(src.state_dict())  # projected, logged (test_checkpoint)
     with pytest.raises(RuntimeError, match=r"parametrizations\.weight\.original"):
         Net().load_state_dict(m.state_dict())
+
+
+def test_batchnorm_example_input_of_one_sample_says_to_pass_two():
+    m = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    with pytest.raises(ValueError, match="pass a batch of at least 2"):
+        nerofy.plan(m, (torch.randn(1, 8),))
+    assert nerofy.plan(m, (torch.randn(2, 8),))["0.weight"].role == "neuron"
