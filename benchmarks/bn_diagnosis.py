@@ -23,6 +23,7 @@ import train_digits as T  # noqa: E402
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--quick", action="store_true", help="1 seed, 3 epochs")
 ap.add_argument("--out", type=Path, default=HERE / "results")
+ap.add_argument("--plots", type=Path, default=None, help="unused (no plot); accepted for uniformity")
 a = ap.parse_args()
 EPOCHS, SEEDS = (3, (0,)) if a.quick else (30, (0, 1, 2))
 torch.set_num_threads(1)
@@ -68,4 +69,5 @@ summary = {k: {m: round(statistics.mean(statistics.mean(r[m][-5:]) for r in runs
 print("mean of the last 5 epochs:", summary)
 a.out.mkdir(parents=True, exist_ok=True)
 (a.out / ("bn_diagnosis_quick.json" if a.quick else "bn_diagnosis.json")).write_text(
-    json.dumps({"epochs": EPOCHS, "seeds": list(SEEDS), "summary": summary, "runs": runs}, indent=1))
+    json.dumps({"meta": {"quick": a.quick, "epochs": EPOCHS, "seeds": list(SEEDS)}, "summary": summary, "runs": runs},
+               indent=1))
