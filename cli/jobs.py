@@ -306,13 +306,12 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool |
     return _finish(row, t0, source)
 
 
-# BatchNorm in training mode cannot normalise a single value per channel (a BN after global pooling,
-# or on a flattened head): at batch 1 that is the harness's limit, not the model's or nerofy's.
-_BN_SINGLE = "Expected more than 1 value per channel when training"
-
-
 def needs_batch_2(batch: int, error: str) -> bool:
-    return batch == 1 and _BN_SINGLE in (error or "")
+    """BatchNorm in training mode cannot normalise one value per channel (a BN after global pooling,
+    or on a flattened head): at batch 1 that is the harness's limit, not the model's or nerofy's."""
+    from nerofy.plan import BN_SINGLE_VALUE
+
+    return batch == 1 and BN_SINGLE_VALUE in (error or "")
 
 
 def batch_2_row(row: dict) -> dict:

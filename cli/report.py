@@ -241,8 +241,9 @@ def render_md(rows: list[dict], s: dict, pngs: dict[str, str], out_dir: str, sou
     if s["share"] is not None:
         L.append(f"Median share of parameters constrained (passing models): {s['share']:.1%}. "
                  f"Summed per-model time: {s['cpu_s'] / 60:.1f} min.")
-    if check_settings(rows):
-        L += ["", check_settings(rows)]
+    settings = check_settings(rows)
+    if settings:
+        L += ["", settings]
     L += ["", "## Failures by reason", ""]
     if not s["groups"]:
         L.append("No failures.")
@@ -294,8 +295,9 @@ def render_html(rows: list[dict], s: dict, pngs: dict[str, str], sources: list[s
     if s["share"] is not None:
         H.append(f"<p>Median share of parameters constrained (passing models): {s['share']:.1%}. "
                  f"Summed per-model time: {s['cpu_s'] / 60:.1f} min.</p>")
-    if check_settings(rows):
-        H.append(f"<p>{html.escape(check_settings(rows))}</p>")
+    settings = check_settings(rows)
+    if settings:
+        H.append(f"<p>{html.escape(settings)}</p>")
     H.append("<h2>Failures by reason</h2>")
     if s["groups"]:
         H.append(_html_table(["status", "reason", "models", "examples"],

@@ -271,6 +271,10 @@ def _names(ns: list[str], n: int = 8) -> str:
     return ", ".join(ns[:n]) + (f" and {len(ns) - n} more" if len(ns) > n else "")
 
 
+# torch's message when BatchNorm in training mode gets one value per channel (batch 1 after pooling)
+BN_SINGLE_VALUE = "more than 1 value per channel"
+
+
 def _check_inputs(model: nn.Module, example_inputs) -> None:
     """Example inputs must run through the model (on meta, else for real); one clear error if not."""
     from .trace import meta_copy, to_meta
@@ -294,7 +298,7 @@ def _check_inputs(model: nn.Module, example_inputs) -> None:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]
         hint = ("BatchNorm in training mode needs more than one value per channel: pass a batch of at least 2"
-                if "more than 1 value per channel" in msg else "Pass inputs the model's forward accepts")
+                if BN_SINGLE_VALUE in msg else "Pass inputs the model's forward accepts")
         raise ValueError(f"example_inputs of shapes {shapes} do not fit {type(model).__name__}: "
                          f"{type(e).__name__}: {msg[:200]}. {hint}.") from e
 
