@@ -178,6 +178,18 @@ def train(model_name, kind, lr, seed, data, epochs, batch=64):
 
 
 # ------------------------------------------------------------------------------------------------
+def pick_lr(scores: dict, kind: str) -> float:
+    """The swept rate with the best score; ties go to the rate closest to the default (in log)."""
+    return max(scores, key=lambda lr: (scores[lr], -abs(math.log(lr / DEFAULT_LR[kind]))))
+
+
+def finish(res, a) -> None:
+    """Plots, the tables as Markdown next to the JSON, and the tables on stdout."""
+    plot(res, a.plots)
+    (a.out / f"{a.name}.md").write_text(table(res) + "\n")
+    print(table(res))
+
+
 def fmt_lr(lr):
     return f"{lr:g}"
 
@@ -209,9 +221,7 @@ def main(argv=None):
                "sweep": [r for p in parts for r in p["sweep"]], "runs": [r for p in parts for r in p["runs"]]}
         a.out.mkdir(parents=True, exist_ok=True)
         (a.out / f"{a.name}.json").write_text(json.dumps(res, indent=1))
-        plot(res, a.plots)
-        (a.out / f"{a.name}.md").write_text(table(res) + "\n")
-        print(table(res))
+        finish(res, a)
         return
     if a.quick:
         a.models, a.seeds, a.epochs, a.sweep_epochs, a.sweep_deep_epochs = ["mlp3", "deep10"], [0], 3, 2, 2
@@ -249,7 +259,7 @@ def main(argv=None):
                     r["split"] = "val"
                     res["sweep"].append(r)
                     scores[lr] = r["acc"]
-                best[kind] = max(grid, key=lambda lr: (scores[lr], -abs(math.log(lr / DEFAULT_LR[kind]))))
+                best[kind] = pick_lr(scores, kind)
                 print(f"[{time.perf_counter() - T0:6.0f}s] {m:7s} sweep {kind:6s} " +
                       " ".join(f"{fmt_lr(lr)}:{s:.3f}" for lr, s in scores.items()) + f"  -> {fmt_lr(best[kind])}",
                       flush=True)
@@ -287,9 +297,7 @@ def main(argv=None):
             save()
     res["meta"]["total_s"] = time.perf_counter() - T0
     save()
-    plot(res, a.plots)
-    (a.out / f"{a.name}.md").write_text(table(res) + "\n")
-    print(table(res))
+    finish(res, a)
     print(f"wrote {out_json}, its tables ({a.name}.md) and plots in {a.plots}")
 
 
@@ -337,10 +345,10 @@ def table(res):
         for m in dict.fromkeys(r["model"] for r in res["sweep"]):
             cells = []
             for k in kinds:
-                rs = sorted((r for r in res["sweep"] if r["model"] == m and r["opt"] == k), key=lambda r: r["lr"])
-                best = max(rs, key=lambda r: (r["acc"], -abs(math.log(r["lr"] / DEFAULT_LR[k])))) if rs else None
-                cells.append(" ".join((f"**{fmt_lr(r['lr'])}: {r['acc']:.2f}**" if r is best else
-                                       f"{fmt_lr(r['lr'])}: {r['acc']:.2f}") for r in rs))
+                scores = {r["lr"]: r["acc"] for r in res["sweep"] if r["model"] == m and r["opt"] == k}
+                best = pick_lr(scores, k) if scores else None
+                cells.append(" ".join((f"**{fmt_lr(lr)}: {acc:.2f}**" if lr == best else f"{fmt_lr(lr)}: {acc:.2f}")
+                                      for lr, acc in sorted(scores.items())))
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -416,8 +416,9 @@ def zoo(
         todo.sort(key=lambda n: (prev.get(n, {}).get("total_params") is None, prev.get(n, {}).get("total_params") or 0))
     jobs = jobs or (os.cpu_count() or 1)
     max_mem = max_mem or Z.default_max_mem_mb(jobs)
+    pool = Z.Pool(jobs=jobs, timeout=timeout, max_mem_mb=max_mem, threads=threads)
     err.print(f"nerofy zoo: {len(names)} models selected, {len(names) - len(todo)} already in {escape(path)}, "
-              f"{len(todo)} to run ({mode}; {jobs} workers x {threads or max(1, (os.cpu_count() or 1) // jobs)} threads, timeout {timeout:g} s, memory guard {max_mem:.0f} MB"
+              f"{len(todo)} to run ({mode}; {jobs} workers x {pool.threads} threads, timeout {timeout:g} s, memory guard {max_mem:.0f} MB"
               + (f", max params {max_params / 1e6:g}M" if (max_params and not structural) else "") + ")")
     tasks = [{"name": n, "mode": mode, "steps": steps, "source": source, "batch": batch,
               "verify": ("sample" if verify_sample else True) if verify else False,
@@ -434,7 +435,6 @@ def zoo(
             counts[key] += 1
             prog.advance(row, counts)
 
-        pool = Z.Pool(jobs=jobs, timeout=timeout, max_mem_mb=max_mem, threads=threads)
         pool.run(tasks, on_row, on_start=prog.started)
     wall = time.monotonic() - t0
     err.print(f"done in {wall:.0f} s: [green]{counts['pass']} pass[/green], [red]{counts['fail']} fail[/red], "

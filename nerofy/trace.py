@@ -223,10 +223,8 @@ def _defaulted_args(model: nn.Module, inputs: tuple | None) -> dict[str, Any] | 
         return None
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     given = len(inputs) if inputs is not None else sum(1 for p in positional if p.default is p.empty)
-    out = {p.name: p.default for p in positional[given:]
-           if p.default is not p.empty and isinstance(p.default, _CONSTANT)}
-    out.update({p.name: p.default for p in params if p.kind == p.KEYWORD_ONLY
-                and p.default is not p.empty and isinstance(p.default, _CONSTANT)})
+    unpassed = positional[given:] + [p for p in params if p.kind == p.KEYWORD_ONLY]
+    out = {p.name: p.default for p in unpassed if p.default is not p.empty and isinstance(p.default, _CONSTANT)}
     return out or None
 
 

@@ -79,9 +79,8 @@ def verify_axes(model: nn.Module, plan: Plan, inputs: tuple, neurons: int = 3, n
         mods = dict(model.named_modules())
         seen, kept = set(), []
         for e in targets:
-            owner = mods.get(e.name.rpartition(".")[0])
-            key = (type(owner).__name__, e.name.rpartition(".")[2], tuple(params[e.name].shape), tuple(e.axes),
-                   e.center)
+            owner, _, attr = e.name.rpartition(".")
+            key = (type(mods.get(owner)).__name__, attr, tuple(params[e.name].shape), tuple(e.axes), e.center)
             if key not in seen:
                 seen.add(key)
                 kept.append(e)
