@@ -372,7 +372,10 @@ def zoo(
         if source not in S.SOURCES:
             raise CliError(f"unknown --source {source!r}; choose from timm, {', '.join(S.SOURCES)}")
         universe = [f"{source}:{n}" for n in S.names(source)]
-        patterns = [p if p.startswith(f"{source}:") else f"{source}:{p}" for p in patterns or []] or None
+        def prefixed(ps):  # the source's names carry its prefix; the user may leave it out
+            return [p if p.startswith(f"{source}:") else f"{source}:{p}" for p in ps or []] or None
+
+        patterns, exclude = prefixed(patterns), prefixed(exclude)
         os.environ["NEROFY_WORKER_PREIMPORT"] = "nerofy_cli.sources,torchvision" + \
             (",transformers" if source == "transformers" else "")
     names = Z.select(universe, patterns, exclude, Z.parse_shard(shard))

@@ -51,8 +51,6 @@ class ModelSpec:
     factory: Callable[[], nn.Module] = field(repr=False)
     make_inputs: Callable[[int, torch.Generator], tuple] = field(repr=False)
     loss: Callable[[Any], torch.Tensor] = field(default=_default_loss, repr=False)
-    # real-tensor inputs the planner may trace with (None: the source's default trace without inputs)
-    plan_with_inputs: bool = True
 
     @property
     def full_name(self) -> str:
@@ -134,7 +132,7 @@ def _tv_specs() -> dict[str, ModelSpec]:
         if name.startswith("keypointrcnn"):
             kw["num_classes"] = 2
         out[name] = ModelSpec("torchvision", name, "detection", lambda n=name, kw=kw: M.get_model(n, **kw),
-                              _det_inputs(name), _sum_losses, plan_with_inputs=False)
+                              _det_inputs(name), _sum_losses)
     for name in M.list_models(module=M.segmentation):
         out[name] = ModelSpec("torchvision", name, "segmentation",
                               lambda n=name: M.get_model(n, weights=None, weights_backbone=None, num_classes=3),
@@ -271,7 +269,7 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
         return jobs._finish(row, t0, src)
     stage("check")
     r = check_model(model, inputs, steps=steps, verify=verify, loss_fn=spec.loss,
-                    plan_inputs=inputs if spec.plan_with_inputs else None)
+                    plan_inputs=inputs)
     if jobs.needs_batch_2(batch, r.error):
         del model, inputs, r
         jobs.release_memory()

@@ -148,7 +148,9 @@ def select(all_names: list[str], patterns: list[str] | None = None, exclude: lis
     sorted list, starting at i). ``package.module:factory`` patterns are taken as they are (the
     user's own models, after the timm names)."""
     names = sorted(set(all_names))
-    custom = [p for p in patterns or [] if ":" in p and not p.startswith("timm:")]  # package.module:factory
+    # 'package.module:factory' is a user's model; 'torchvision:vit*' (a prefix the names carry) is a pattern
+    prefixes = {"timm"} | {n.split(":", 1)[0] for n in names if ":" in n}
+    custom = [p for p in patterns or [] if ":" in p and p.split(":", 1)[0] not in prefixes]
     patterns = [p[len("timm:"):] if p.startswith("timm:") else p for p in patterns or [] if p not in custom]
     if custom and not patterns:
         names = []

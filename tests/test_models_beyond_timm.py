@@ -38,8 +38,7 @@ def _check(source, name, steps=2):
     spec = S.get(source, name)
     torch.manual_seed(0)
     model, inputs = spec.create(), spec.inputs(2, 0)
-    r = check_model(model, inputs, steps=steps, loss_fn=spec.loss,
-                    plan_inputs=inputs if spec.plan_with_inputs else None)
+    r = check_model(model, inputs, steps=steps, loss_fn=spec.loss, plan_inputs=inputs)
     assert r.status == "pass", f"{spec.full_name}: {r.status}: {r.error}"
     assert r.axes.get("fail", 0) == 0, r.axis_failures
     assert r.constrained_share > 0.5, r.constrained_share

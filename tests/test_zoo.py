@@ -106,6 +106,10 @@ def test_select_and_shard():
     shards = [Z.select(names, shard=(i, 3)) for i in range(3)]
     assert sorted(sum(shards, [])) == sorted(names) and all(shards)
     assert Z.select(names, ["resnet18", "pkg.mod:make"]) == ["resnet18", "pkg.mod:make"]
+    # another source's names carry its prefix: a prefixed glob is a pattern, not a user's factory
+    tv = ["torchvision:ssd300_vgg16", "torchvision:ssdlite320", "torchvision:vit_b_16"]
+    assert Z.select(tv, ["torchvision:ssd*"]) == tv[:2]
+    assert Z.select(tv, ["torchvision:vit"], ["torchvision:*lite*"]) == tv[2:]
     assert Z.parse_shard("1/4") == (1, 4)
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(Z.CliError):

@@ -42,3 +42,11 @@ def test_zoo_source_errors(tmp_path):
     assert res.exit_code == 1 and "unknown --source 'keras'" in res.stderr
     res = runner.invoke(app, ["zoo", "--source", "torchvision", "resnet1800", "--out", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 1 and "no torchvision model matches" in res.stderr and "torchvision:resnet18" in res.stderr
+
+
+def test_zoo_source_globs_and_exclude():
+    # globs and --exclude work with or without the source's prefix
+    res = CliRunner().invoke(app, ["zoo", "--source", "torchvision", "ssd*", "torchvision:vit_b*", "-x", "*lite*",
+                                   "--list"])
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout.split() == ["torchvision:ssd300_vgg16", "torchvision:vit_b_16", "torchvision:vit_b_32"]
