@@ -468,6 +468,8 @@ def report(
                                                                             "the plots go"),
     name: str = typer.Option("report", "--name", help="file stem: <name>.md, <name>.html, <name>_*.png"),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="draw plots (needs matplotlib)"),
+    expected_out: Optional[str] = typer.Option(None, "--expected-out", help="also write every model's status as "
+                                                                             "JSON (name -> status) for zoo --expected"),
 ):
     """Render zoo results as Markdown and HTML: totals, failures by reason, a table per family, plots."""
     from . import report as R
@@ -480,9 +482,14 @@ def report(
         rows += Z.read_rows(p)
     if not rows:
         raise CliError(f"no rows in {', '.join(results)}")
-    md, html = R.write_report(list(Z.latest_by_name(rows).values()), out_dir, name=name, plots=plots,
-                              sources=results)
-    _err_console().print(f"wrote {escape(md)} and {escape(html)} ({len(Z.latest_by_name(rows))} models)")
+    latest = Z.latest_by_name(rows)
+    md, html = R.write_report(list(latest.values()), out_dir, name=name, plots=plots, sources=results)
+    _err_console().print(f"wrote {escape(md)} and {escape(html)} ({len(latest)} models)")
+    if expected_out:
+        with open(expected_out, "w") as f:
+            json.dump({k: latest[k]["status"] for k in sorted(latest)}, f, indent=1)
+            f.write("\n")
+        _err_console().print(f"wrote {escape(expected_out)} (the status of each of {len(latest)} models)")
 
 
 def main() -> None:

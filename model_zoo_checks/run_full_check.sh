@@ -14,4 +14,5 @@ done
 # checks, smallest first, one worker with the memory to itself
 nerofy zoo --resume --retry skipped_size,oom --order size --max-params 0 --batch 1 --verify-sample \
   --out model_zoo_checks/check.jsonl --jobs 1 --timeout "${BIG_TIMEOUT:-1800}" --steps 3 || exit $?
-nerofy report model_zoo_checks/check.jsonl --out-dir model_zoo_checks --name report
+nerofy report model_zoo_checks/check.jsonl --out-dir model_zoo_checks --name report \
+  --expected-out model_zoo_checks/expected.json

@@ -194,8 +194,10 @@ def test_zoo_structural_and_report(tmp_path):
     assert res.exit_code == 1 and "no timm model matches" in res.stderr
     res = runner.invoke(app, ["zoo", "test_vit*", "--list"])
     assert res.exit_code == 0 and "test_vit_relpos" in res.stdout.split()
-    res = runner.invoke(app, ["report", str(out), "--out-dir", str(tmp_path / "rep")])
+    exp = tmp_path / "expected.json"
+    res = runner.invoke(app, ["report", str(out), "--out-dir", str(tmp_path / "rep"), "--expected-out", str(exp)])
     assert res.exit_code == 0, res.stderr
+    assert json.loads(exp.read_text()) == {"test_resnet": "pass", "test_vit": "pass"}
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Totals" in md and "## Failures by reason" in md and "### vision_transformer" in md
     assert (tmp_path / "rep" / "report.html").read_text().startswith("<!doctype html>")
