@@ -259,13 +259,16 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool |
     if n is not None:
         row["total_params"] = n
         stage("counted", total_params=n)
-    if meta is not None and max_params and n > max_params:
+    too_big = max_params and n is not None and n > max_params
+    no_fit = cannot_fit(n, row["base_rss_mb"]) if n is not None else None
+    if meta is not None and (too_big or no_fit):
         row["times"]["create"] = round(time.perf_counter() - t0, 4)
         st = structural(meta, row, stage)
         row["structural"] = st
-        row["status"] = "skipped_size" if st == "pass" else st
+        row["status"] = ("skipped_size" if too_big else "oom") if st == "pass" else st
         if st == "pass":
-            row["error"] = f"{n / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M: structural check only"
+            row["error"] = (f"{n / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M: structural check only"
+                            if too_big else no_fit + "; structural check: pass")
         return _finish(row, t0, source)
     del meta
     stage("create")
@@ -304,6 +307,23 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool |
     fill_check_row(row, r, steps, batch, verify)
     del r
     return _finish(row, t0, source)
+
+
+# The least a training step holds per parameter, activations and balanced weights aside: after the
+# backward, every fp32 weight and its gradient. A model whose floor is over the memory guard cannot
+# pass; building and running it would only spend its timeout.
+FLOOR_BYTES = 8
+
+
+def cannot_fit(n_params: int, base_mb: float) -> str | None:
+    """Why a model of ``n_params`` cannot pass under this worker's memory guard, or None."""
+    guard = float(os.environ.get("NEROFY_WORKER_MAX_MB", "0") or 0)
+    floor = n_params * FLOOR_BYTES / 2**20 + base_mb
+    if not guard or floor <= guard:
+        return None
+    return (f"not run: needs at least {floor / 1024:.1f} GB ({n_params / 1e9:.2f}B parameters x {FLOOR_BYTES} bytes "
+            f"for fp32 weights and gradients, + the worker's {base_mb / 1024:.1f} GB) > the {guard / 1024:.1f} GB "
+            "memory guard")
 
 
 def needs_batch_2(batch: int, error: str) -> bool:

@@ -253,6 +253,9 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
         row["total_params"], row["status"] = n, "skipped_size"
         row["error"] = f"{n / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M"
         return jobs._finish(row, t0, src)
+    if n is not None and (no_fit := jobs.cannot_fit(n, row["base_rss_mb"])):
+        row["total_params"], row["status"], row["error"] = n, "oom", no_fit
+        return jobs._finish(row, t0, src)
     try:
         torch.manual_seed(seed)
         model = spec.create()

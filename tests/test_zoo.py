@@ -148,6 +148,21 @@ def test_check_job_and_size_skip():
         json.dumps(r)
 
 
+def test_check_job_never_runs_what_cannot_fit(monkeypatch):
+    n = 2**30  # 8 GiB of fp32 weights and gradients
+    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "9000")
+    assert J.cannot_fit(n, 100.0) is None and "> the 8.8 GB memory guard" in J.cannot_fit(n, 900.0)
+    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "0")  # no guard: nothing is predicted
+    assert J.cannot_fit(n, 900.0) is None
+    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "1")
+    row = J.check_job("test_resnet", steps=1, max_params=None)
+    assert row["status"] == "oom" and row["error"].startswith("not run: needs at least")
+    assert row["structural"] == "pass" and row["tracer"] == "fx" and "loss" not in row
+    for r in (row,):
+        assert r["status"] in STATUSES
+        json.dumps(r)
+
+
 # ---------------------------------------------------------------------------------------------
 # the pool, through the CLI
 # ---------------------------------------------------------------------------------------------
