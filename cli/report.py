@@ -68,12 +68,15 @@ def summarize(rows: list[dict]) -> dict:
             k = re.sub(r"\d+", "N", k)[:140]
             if r["name"] not in warns[k]:
                 warns[k].append(r["name"])
-    versions = Counter(tuple(sorted((r.get("versions") or {}).items())) for r in rows)
+    versions: dict[str, Counter] = defaultdict(Counter)  # package -> version -> rows
+    for r in rows:
+        for k, v in (r.get("versions") or {}).items():
+            versions[k][v] += 1
     return {"n": len(rows), "status": st, "tracer": tr, "families": dict(sorted(fams.items())),
             "groups": sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])),
             "warnings": sorted(warns.items(), key=lambda kv: (-len(kv[1]), kv[0])),
             "free": [r for r in rows if (r.get("tensors_by_role") or {}).get("free")],
-            "versions": [dict(v) for v, _ in versions.most_common()],
+            "versions": dict(sorted(versions.items())),
             "modes": Counter(r.get("mode", "?") for r in rows),
             "share": _median([r.get("constrained_share") for r in rows if r["status"] == "pass"]),
             "cpu_s": sum((r.get("times") or {}).get("total", 0) for r in rows)}
@@ -82,15 +85,15 @@ def summarize(rows: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 # plots
 # ---------------------------------------------------------------------------------------------
-def draw_plots(rows: list[dict], s: dict, out_dir: str, name: str) -> dict[str, str]:
-    """Write the PNGs; returns {title: path} (empty without matplotlib)."""
+def draw_plots(rows: list[dict], s: dict, out_dir: str, name: str) -> dict[str, str] | None:
+    """Write the PNGs; returns {title: path}, or None without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return {}
+        return None
     out = {}
     fams = s["families"]
     items = sorted(fams.items(), key=lambda kv: (sum(r["status"] == "pass" for r in kv[1]) / len(kv[1]), kv[0]))
@@ -227,13 +230,25 @@ def _of_zoo(n: int, rows: list | None = None) -> str:
         return ""
 
 
-def render_md(rows: list[dict], s: dict, pngs: dict[str, str], out_dir: str, sources: list[str]) -> str:
+def _versions(s: dict) -> str:
+    """One line: each package's version; where rows differ (a sweep over several sessions), every
+    version with its row count, most rows first."""
+    parts = []
+    for k, c in s["versions"].items():
+        if len(c) == 1:
+            parts.append(f"{k} {next(iter(c))}")
+        else:
+            parts.append(f"{k} " + " / ".join(f"{v} ({m} rows)" for v, m in c.most_common()))
+    return "Versions: " + ", ".join(parts) + "."
+
+
+def render_md(rows: list[dict], s: dict, pngs: dict[str, str] | None, out_dir: str, sources: list[str]) -> str:
     n = s["n"]
     L = [f"# nerofy zoo report", ""]
     L.append(f"{n} models{_of_zoo(n, rows)} from {', '.join(f'`{p}`' for p in sources)}; mode: "
              + ", ".join(f"{k} ({v})" for k, v in s["modes"].items()) + ".")
-    for v in s["versions"][:3]:
-        L.append(f"Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".")
+    if s["versions"]:
+        L.append(_versions(s))
     L += ["", "## Totals", ""]
     L.append(_md_table(["status", "models", "share"],
                        [[k, str(v), f"{v / n:.1%}"] for k, v in sorted(s["status"].items(), key=lambda kv: -kv[1])]))
@@ -266,7 +281,7 @@ def render_md(rows: list[dict], s: dict, pngs: dict[str, str], out_dir: str, sou
         for title, p in pngs.items():
             L.append(f"![{title}]({os.path.relpath(p, out_dir)})")
             L.append("")
-    else:
+    elif pngs is None:
         L += ["", "(plots need matplotlib: pip install matplotlib)", ""]
     L += ["## Families", "", _md_table(FAMILY_HEADER, _family_rows(s)), ""]
     for fam, rs in s["families"].items():
@@ -280,14 +295,14 @@ th{background:#f3f3f3}tr.pass td:nth-child(2){color:#1a7f1a}tr.fail td:nth-child
 tr.skip td:nth-child(2){color:#b08000}img{max-width:100%}details{margin:.2em 0}summary{cursor:pointer}"""
 
 
-def render_html(rows: list[dict], s: dict, pngs: dict[str, str], sources: list[str]) -> str:
+def render_html(rows: list[dict], s: dict, pngs: dict[str, str] | None, sources: list[str]) -> str:
     n = s["n"]
     H = [f"<!doctype html><html><head><meta charset='utf-8'><title>nerofy zoo report</title><style>{CSS}</style>"
          "</head><body><h1>nerofy zoo report</h1>"]
     H.append(f"<p>{n} models{html.escape(_of_zoo(n, rows))} from {html.escape(', '.join(sources))}; mode: "
              + html.escape(", ".join(f"{k} ({v})" for k, v in s["modes"].items())) + "</p>")
-    for v in s["versions"][:3]:
-        H.append("<p>Versions: " + html.escape(", ".join(f"{k} {val}" for k, val in v.items())) + "</p>")
+    if s["versions"]:
+        H.append("<p>" + html.escape(_versions(s)) + "</p>")
     H.append("<h2>Totals</h2>")
     H.append(_html_table(["status", "models", "share"],
                          [[k, str(v), f"{v / n:.1%}"] for k, v in sorted(s["status"].items(), key=lambda kv: -kv[1])]))

@@ -227,6 +227,8 @@ def test_report_groups_failures_by_reason(tmp_path):
         {"name": "b2", "status": "skipped_size", "family": "b", "total_params": 9e9},
         {"name": "b3", "status": "timeout", "family": "b", "error": "no result after 300 s (stage: check)"},
     ]
+    for r, git in zip(rows, ("abc", "abc", "def", "abc", "def")):  # a sweep over two commits
+        r["versions"] = {"torch": "2.14.1", "nerofy_git": git}
     path = tmp_path / "r.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     s = R.summarize(rows)
@@ -235,6 +237,7 @@ def test_report_groups_failures_by_reason(tmp_path):
     text = open(md).read()
     assert "| fail_forward | RuntimeError: shape '…' is invalid for N | 2 | a2, b1 |" in text
     assert "skipped_size" in text and "timeout" in text
+    assert "Versions: nerofy_git abc (3 rows) / def (2 rows), torch 2.14.1." in text
 
 
 def test_kill_mid_run_loses_nothing_and_resume_finishes(tmp_path, zoo_models):
