@@ -372,6 +372,7 @@ def zoo(
         if source not in S.SOURCES:
             raise CliError(f"unknown --source {source!r}; choose from timm, {', '.join(S.SOURCES)}")
         universe = [f"{source}:{n}" for n in S.names(source)]
+
         def prefixed(ps):  # the source's names carry its prefix; the user may leave it out
             return [p if p.startswith(f"{source}:") else f"{source}:{p}" for p in ps or []] or None
 

@@ -158,9 +158,7 @@ def test_check_job_never_runs_what_cannot_fit(monkeypatch):
     row = J.check_job("test_resnet", steps=1, max_params=None)
     assert row["status"] == "oom" and row["error"].startswith("not run: needs at least")
     assert row["structural"] == "pass" and row["tracer"] == "fx" and "loss" not in row
-    for r in (row,):
-        assert r["status"] in STATUSES
-        json.dumps(r)
+    json.dumps(row)
 
 
 # ---------------------------------------------------------------------------------------------
