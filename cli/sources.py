@@ -176,6 +176,11 @@ def _hf_specs() -> dict[str, ModelSpec]:
                                n_positions=64, **no_cache), lambda b, g: (_ids(b, g),)),
         ("llama", "decoder", mk("LlamaForCausalLM", "LlamaConfig", **dict(_TXT, num_key_value_heads=1, **no_cache)),
          lambda b, g: (_ids(b, g),)),
+        # mixture of experts: experts stored (E, out, in), run by a grouped matmul
+        ("mixtral", "decoder", mk("MixtralForCausalLM", "MixtralConfig",
+                                  **dict(_TXT, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+                                         **no_cache)),
+         lambda b, g: (_ids(b, g),)),
         # encoder-decoders: (input_ids, attention_mask, decoder_input_ids)
         ("t5", "encoder-decoder", mk("T5ForConditionalGeneration", "T5Config", vocab_size=_VOCAB, d_model=_H, d_kv=16,
                                      d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, decoder_start_token_id=0,

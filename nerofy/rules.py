@@ -37,6 +37,7 @@ _ALIASES = {
     "_native_batch_norm_legit_no_training": "aten_batch_norm", "_native_batch_norm_legit": "aten_batch_norm",
     "_native_batch_norm_legit_functional": "aten_batch_norm", "native_batch_norm": "aten_batch_norm",
     "native_group_norm": "aten_group_norm", "rmatmul": "rmatmul",
+    "grouped_mm_fallback": "grouped_mm",  # transformers' custom op where torch's kernel is missing
 }
 
 
@@ -83,6 +84,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "lerp": ("input", "end", "weight"),
     "sdpa": ("query", "key", "value", "attn_mask"),
     "einsum": ("equation",),
+    "grouped_mm": ("mat_a", "mat_b", "offs", "bias", "out_dtype"),
 }
 
 # aten ops whose argument order differs from torch.nn.functional's: renamed by the export frontend
@@ -284,6 +286,17 @@ def contraction(op: str, argname: str, shape: tuple[int, ...], bound: dict, oper
             return matmul_operand(shape, "left")
         if argname in ("mat2", "vec"):
             return matmul_operand(shape, "right")
+    if op == "grouped_mm":  # MoE experts: per-group matmuls, groups on dim 0 of a 3D operand
+        if argname == "bias":
+            return "bias"
+        left = argname in ("mat_a", "self", "input")
+        if not left and argname not in ("mat_b", "mat2", "weight"):
+            return None
+        other = bound.get("mat_b" if left else "mat_a", bound.get("mat2" if left else "self"))
+        if len(shape) == 3 or len(getattr(other, "shape", None) or ()) == 3:
+            return matmul_operand(shape, "left" if left else "right")
+        # both 2D (the weight-gradient form): the contracted dim itself is cut into groups by offs
+        return None
     if op == "einsum" and operand_index is not None:
         return einsum_operand(bound["equation"], operand_index, len(shape))
     if op in ("embedding", "aten_embedding", "embedding_bag") and argname == "weight":

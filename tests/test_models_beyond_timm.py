@@ -50,7 +50,7 @@ SLOW_TV = ["mobilenet_v3_small", "vit_b_32", "swin_t", "convnext_tiny", "efficie
            "shufflenet_v2_x0_5", "squeezenet1_0", "googlenet", "inception_v3", "maxvit_t", "deeplabv3_mobilenet_v3_large",
            "fcn_resnet50", "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
            "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "ssdlite320_mobilenet_v3_large"]
-FAST_HF = ["bert", "gpt2", "t5", "vit", "wav2vec2"]
+FAST_HF = ["bert", "gpt2", "t5", "vit", "wav2vec2", "mixtral"]
 SLOW_HF = ["roberta", "distilbert", "llama", "bart", "whisper"]
 
 
@@ -93,6 +93,18 @@ def test_tied_lm_head_and_embedding_get_one_role():
     # one stored tensor behind both (the balanced weight is recomputed per access)
     assert model.lm_head.parametrizations.weight.original is model.transformer.wte.parametrizations.weight.original
     torch.testing.assert_close(model.lm_head.weight, model.transformer.wte.weight, rtol=0, atol=0)
+
+
+def test_mixtral_experts_are_neurons_per_expert_and_output():
+    """Mixtral's experts (E, out, in) run through a grouped matmul: every expert's every output row
+    is a neuron; the router is a plain linear."""
+    r, model = _check("transformers", "mixtral", steps=1)
+    plan = nerofy.plan(model)
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        e = plan[name]
+        assert e.role == "neuron" and e.axes == (0, 1) and e.fan_in == e.shape[2], e
+    assert plan["model.layers.0.mlp.gate.weight"].axes == (0,)
+    assert r.constrained_share > 0.9
 
 
 def test_detection_in_train_mode_sums_its_losses():

@@ -40,6 +40,51 @@ def test_routed_expert_weights_are_neurons_and_indexed_rows_an_embedding(fronten
     assert (plan["table"].role, plan["table"].axes) == ("embedding", (0,))
 
 
+class GroupedExperts(nn.Module):
+    """Experts stored (E, out, in) and run as one grouped matmul over tokens sorted by expert (the
+    Mixture-of-Experts kernel of Hugging Face's Mixtral/Qwen-MoE)."""
+
+    def __init__(self, e=4, d=8, h=12):
+        super().__init__()
+        self.up = nn.Parameter(torch.randn(e, h, d) / d**0.5)
+        self.down = nn.Parameter(torch.randn(e, d, h) / h**0.5)
+
+    def forward(self, x, counts):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = F.grouped_mm(x, self.up.transpose(-2, -1), offs=offs).relu()
+        return F.grouped_mm(h, self.down.transpose(-2, -1), offs=offs)
+
+
+# (torch.export's meta kernel for grouped_mm takes bf16 only; the rule test below covers aten's names)
+@pytest.mark.parametrize("frontend", ["fx", "record"])
+def test_grouped_mm_experts_are_neurons_per_expert(frontend):
+    inputs = (torch.randn(10, 8), torch.tensor([3, 0, 5, 2]))
+    model = GroupedExperts()
+    plan = make_plan(model, inputs, frontends=(frontend,))
+    assert plan.frontend == frontend
+    assert (plan["up"].role, plan["up"].axes, plan["up"].fan_in) == ("neuron", (0, 1), 8)
+    assert (plan["down"].role, plan["down"].axes, plan["down"].fan_in) == ("neuron", (0, 1), 12)
+    res = verify_axes(model, plan, inputs)
+    assert {k: v.status for k, v in res.items()} == {"up": "ok", "down": "ok"}
+
+
+def test_grouped_mm_rule_follows_the_operand_shapes():
+    from nerofy import rules as R
+
+    class Op:  # an argument as the analyzer binds it: only its shape is read
+        def __init__(self, *shape):
+            self.shape = shape
+
+    w3, x2, x3, w2 = Op(4, 8, 12), Op(10, 8), Op(4, 5, 8), Op(8, 12)
+    assert R.contraction("grouped_mm", "mat_b", w3.shape, {"mat_a": x2, "mat_b": w3}) == R.Contraction((0, 2), (1,))
+    assert R.contraction("grouped_mm", "mat_a", x3.shape, {"mat_a": x3, "mat_b": w2}) == R.Contraction((0, 1), (2,))
+    assert R.contraction("grouped_mm", "mat_b", w2.shape, {"mat_a": x3, "mat_b": w2}) == R.Contraction((1,), (0,))
+    assert R.contraction("grouped_mm", "mat2", w3.shape, {"self": x2, "mat2": w3}) == R.Contraction((0, 2), (1,))
+    # both 2D: offs cuts the contracted dim itself, so no dim is a whole fan-in
+    assert R.contraction("grouped_mm", "mat_b", w2.shape, {"mat_a": x2, "mat_b": w2}) is None
+    assert R.canonical("grouped_mm_fallback") == R.canonical("_grouped_mm") == "grouped_mm"
+
+
 def test_tensor_that_only_lends_its_dtype_carries_no_values():
     class OneHot(nn.Module):
         def __init__(self):
