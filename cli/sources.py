@@ -13,8 +13,8 @@ API (what ``nerofy zoo`` calls)::
     row = sources.check_job(source, name, steps=3, verify=True, max_params=60e6)   # a zoo row
 
 ``check_job`` returns the same row fields as ``cli.jobs.check_job`` (``name`` is
-``"<source>:<name>"``, ``family`` the task: classification / detection / segmentation / encoder /
-decoder / encoder-decoder / vision / speech), so the report and expected.json treat it like a timm row.
+``"<source>:<name>"``, ``family`` the task: classification / detection / segmentation / video /
+optical_flow / quantizable / encoder / decoder / encoder-decoder / vision / speech), so the report and expected.json treat it like a timm row.
 Nothing here prints.
 """
 from __future__ import annotations
@@ -82,6 +82,10 @@ _TV_KW = {"vit_b_16": {"image_size": 64}, "vit_b_32": {"image_size": 64}, "vit_l
           "vit_l_32": {"image_size": 64}, "vit_h_14": {"image_size": 56},
           "inception_v3": {"init_weights": True}, "googlenet": {"init_weights": True}}
 _DET_SIZE = 128
+# video clips (frames, px): MViT's position embeddings want its 16 x 224 clips; S3D's last pooling a
+# 7 x 7 map (224 px)
+_VIDEO_SIZE = {"mvi": (16, 224), "s3d": (16, 224)}
+_FLOW_SIZE = 128  # RAFT's correlation pyramid needs feature maps of at least 16 px (128 / 8)
 
 
 def _tv():
@@ -92,6 +96,14 @@ def _tv():
 
 def _images(c: int, s: int):
     return lambda b, g: (torch.randn(b, c, s, s, generator=g),)
+
+
+def _clips(t: int, s: int):
+    return lambda b, g: (torch.randn(b, 3, t, s, s, generator=g),)
+
+
+def _frame_pairs(s: int):
+    return lambda b, g: (torch.randn(b, 3, s, s, generator=g), torch.randn(b, 3, s, s, generator=g))
 
 
 def _det_inputs(name: str):
@@ -137,6 +149,19 @@ def _tv_specs() -> dict[str, ModelSpec]:
         out[name] = ModelSpec("torchvision", name, "segmentation",
                               lambda n=name: M.get_model(n, weights=None, weights_backbone=None, num_classes=3),
                               _images(3, _TV_IMAGE))
+    for name in M.list_models(module=M.video):
+        out[name] = ModelSpec("torchvision", name, "video", lambda n=name: M.get_model(n, weights=None, num_classes=5),
+                              _clips(*_VIDEO_SIZE.get(name[:3], (8, _TV_IMAGE))))
+    for name in M.list_models(module=M.optical_flow):
+        out[name] = ModelSpec("torchvision", name, "optical_flow", lambda n=name: M.get_model(n, weights=None),
+                              _frame_pairs(_FLOW_SIZE))
+    for name in M.list_models(module=M.quantization):
+        # the float, quantization-ready variant (QuantStub, FloatFunctional): what quantization-aware
+        # training trains
+        kw = dict(_TV_KW.get(name.removeprefix("quantized_"), {}))
+        out[name] = ModelSpec("torchvision", name, "quantizable",
+                              lambda n=name, kw=kw: M.get_model(n, weights=None, quantize=False, num_classes=10, **kw),
+                              _images(3, _TV_SIZE.get(name.removeprefix("quantized_"), _TV_IMAGE)))
     return out
 
 

@@ -1,6 +1,6 @@
-"""Models beyond timm (issue item 5): torchvision classification / detection / segmentation models
-(weights=None) and Hugging Face transformers built from configs (encoder, decoder,
-encoder-decoder, vision transformer, speech), through the factories of cli/sources.py (the ones
+"""Models beyond timm (issue item 5): every torchvision model (classification, detection,
+segmentation, video, optical flow, quantization-ready; weights=None) and Hugging Face transformers
+built from configs (encoder, decoder, mixture of experts, encoder-decoder, vision transformer, speech), through the factories of cli/sources.py (the ones
 ``nerofy zoo --source torchvision|transformers`` runs) and nerofy.check.check_model (plan, neuron
 axes verified on the plain model, wrap, forward, backward, Nero steps, constraint).
 
@@ -18,7 +18,7 @@ import torch
 import nerofy
 from nerofy.check import check_model
 
-pytest.importorskip("torchvision")
+torchvision = pytest.importorskip("torchvision")
 transformers = pytest.importorskip("transformers")
 
 from nerofy_cli import sources as S  # noqa: E402
@@ -45,11 +45,12 @@ def _check(source, name, steps=2):
     return r, model
 
 
-FAST_TV = ["resnet18", "lraspp_mobilenet_v3_large"]
+FAST_TV = ["resnet18", "lraspp_mobilenet_v3_large", "r3d_18", "quantized_resnet18"]
 SLOW_TV = ["mobilenet_v3_small", "vit_b_32", "swin_t", "convnext_tiny", "efficientnet_b0", "densenet121", "regnet_y_400mf",
            "shufflenet_v2_x0_5", "squeezenet1_0", "googlenet", "inception_v3", "maxvit_t", "deeplabv3_mobilenet_v3_large",
            "fcn_resnet50", "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn",
-           "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "ssdlite320_mobilenet_v3_large"]
+           "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "ssdlite320_mobilenet_v3_large", "ssd300_vgg16",
+           "raft_small", "swin3d_t", "s3d", "quantized_shufflenet_v2_x0_5"]
 FAST_HF = ["bert", "gpt2", "t5", "vit", "wav2vec2", "mixtral"]
 SLOW_HF = ["roberta", "distilbert", "llama", "bart", "whisper"]
 
@@ -57,7 +58,9 @@ SLOW_HF = ["roberta", "distilbert", "llama", "bart", "whisper"]
 def test_sources_list_and_lookup():
     tv, hf = S.names("torchvision"), S.names("transformers")
     assert {"resnet18", "fasterrcnn_resnet50_fpn", "deeplabv3_resnet50"} <= set(tv)
-    assert {S.get("torchvision", n).task for n in tv} >= {"classification", "detection", "segmentation"}
+    assert sorted(tv) == sorted(torchvision.models.list_models())  # every torchvision model
+    assert {S.get("torchvision", n).task for n in tv} == {"classification", "detection", "segmentation", "video",
+                                                          "optical_flow", "quantizable"}
     assert {S.get("transformers", n).task for n in hf} == {"encoder", "decoder", "encoder-decoder", "vision", "speech"}
     assert S.get("torchvision", "torchvision:resnet18").name == "resnet18"
     with pytest.raises(KeyError, match="resnet18"):
