@@ -85,10 +85,12 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "sdpa": ("query", "key", "value", "attn_mask"),
     "einsum": ("equation",),
     "grouped_mm": ("mat_a", "mat_b", "offs", "bias", "out_dtype"),
+    "tensordot": ("a", "b", "dims"), "aten_tensordot": ("a", "b", "dims_a", "dims_b"),
 }
 
 # aten ops whose argument order differs from torch.nn.functional's: renamed by the export frontend
-ATEN_RENAMES = {"embedding": "aten_embedding", "batch_norm": "aten_batch_norm", "instance_norm": "aten_instance_norm"}
+ATEN_RENAMES = {"embedding": "aten_embedding", "batch_norm": "aten_batch_norm", "instance_norm": "aten_instance_norm",
+                "tensordot": "aten_tensordot"}
 
 
 def bind(op: str, args: tuple, kwargs: dict) -> dict:
@@ -188,6 +190,23 @@ def conv_weight(shape, groups: int = 1, transposed: bool = False) -> Contraction
                        split_axis=0 if groups > 1 else None, groups=max(1, int(groups)))
 
 
+def tensordot_operand(shape, first: bool, dims) -> Contraction | None:
+    """``tensordot(a, b, dims)``: ``dims=n`` contracts a's last n dims with b's first n; a pair of
+    lists names them. The operand's other dims survive into the output: neurons."""
+    nd = _nd(shape)
+    if isinstance(dims, int):
+        contracted = range(nd - dims, nd) if first else range(dims)
+    elif isinstance(dims, (list, tuple)) and len(dims) == 2 and all(isinstance(d, (list, tuple, int)) for d in dims):
+        mine = dims[0] if first else dims[1]
+        contracted = [mine] if isinstance(mine, int) else mine
+    else:
+        return None
+    fan_in = sorted({int(d) % nd for d in contracted}) if nd else []
+    if not fan_in:
+        return None
+    return Contraction(neuron=tuple(d for d in range(nd) if d not in fan_in), fan_in=tuple(fan_in))
+
+
 _EINSUM_RE = re.compile(r"\s+")
 
 
@@ -274,7 +293,13 @@ def contraction(op: str, argname: str, shape: tuple[int, ...], bound: dict, oper
             return conv_weight(shape, int(bound.get("groups", 1) or 1), bool(bound.get("transposed", False)))
         if argname == "bias":
             return "bias"
-    if op in ("matmul", "mm", "bmm", "rmatmul", "mv", "dot", "inner"):
+    if op == "inner" and argname in ("input", "other") and shape:  # both operands contract their last dim
+        return Contraction(neuron=tuple(range(len(shape) - 1)), fan_in=(len(shape) - 1,))
+    if op == "tensordot" and argname in ("a", "b"):
+        return tensordot_operand(shape, argname == "a", bound.get("dims", 2))
+    if op == "aten_tensordot" and argname in ("a", "b"):
+        return tensordot_operand(shape, argname == "a", (bound.get("dims_a"), bound.get("dims_b")))
+    if op in ("matmul", "mm", "bmm", "rmatmul", "mv", "dot"):
         if argname == "input":
             return matmul_operand(shape, "left")
         if argname in ("other", "mat2", "vec"):
@@ -282,10 +307,14 @@ def contraction(op: str, argname: str, shape: tuple[int, ...], bound: dict, oper
     if op in ("addmm", "baddbmm", "addbmm", "addmv"):
         if argname == "bias":
             return "bias"
+        rule = None
         if argname == "input":
-            return matmul_operand(shape, "left")
+            rule = matmul_operand(shape, "left")
         if argname in ("mat2", "vec"):
-            return matmul_operand(shape, "right")
+            rule = matmul_operand(shape, "right")
+        if rule is not None and op == "addbmm" and len(shape) == 3:  # sums the batch of products: dim 0 is fan-in
+            rule = Contraction(neuron=tuple(d for d in rule.neuron if d != 0), fan_in=(0,) + rule.fan_in)
+        return rule
     if op == "grouped_mm":  # MoE experts: per-group matmuls, groups on dim 0 of a 3D operand
         if argname == "bias":
             return "bias"

@@ -22,7 +22,8 @@ from .plan import Plan
 from .trace import _fn_name
 
 CONTRACTIONS = {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-                "matmul", "rmatmul", "mm", "bmm", "addmm", "baddbmm", "einsum", "bilinear", "grouped_mm"}
+                "matmul", "rmatmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "inner", "tensordot",
+                "einsum", "bilinear", "grouped_mm"}
 
 
 @dataclass

@@ -168,6 +168,27 @@ class Matmuls(nn.Module):
         return a + b + c
 
 
+class MoreContractions(nn.Module):
+    """tensordot (both forms), inner (contracts the last dims), mv, and addbmm (which also sums its
+    batch of products, so the batch dim is fan-in too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.td = nn.Parameter(torch.randn(8, 6))         # tensordot(x, W, dims=([1], [0])): columns
+        self.td3 = nn.Parameter(torch.randn(6, 2, 3))     # tensordot(h, W, dims=1): (2, 3) per input
+        self.inn = nn.Parameter(torch.randn(4, 3))        # inner(h, W): rows, fan-in its last dim
+        self.mv = nn.Parameter(torch.randn(5, 4))         # mv(W, v): rows
+        self.addb = nn.Parameter(torch.randn(2, 4, 5))    # addbmm(b, x3, W): neurons dim 2
+
+    def forward(self, x):
+        h = torch.tensordot(x, self.td, dims=([1], [0]))              # (b, 6)
+        h = torch.tensordot(h, self.td3, dims=1)                       # (b, 2, 3)
+        h = torch.inner(h, self.inn)                                   # (b, 2, 4)
+        m = torch.mv(self.mv, h[0, 0])                                 # (5,)
+        a = torch.addbmm(h.new_zeros(2, 5), h.transpose(0, 1), self.addb)  # (2, 5)
+        return m.sum() + a.sum() + h.sum()
+
+
 class EinsumSeveral(nn.Module):
     """One einsum with several parameter operands: a weight and a gain; and per-head weights."""
 
@@ -336,6 +357,9 @@ CASES = {
         "left": ("neuron", (0,), None, 1), "right": ("neuron", (1,), None, 1), "mm": ("neuron", (1,), None, 1),
         "mat": ("neuron", (1,), None, 1), "bmm": ("neuron", (0, 2), None, 1), "badd": ("neuron", (0, 1), None, 1),
         "badd_bias": ("bias", None, None, 1)}, "neurons"),
+    "more_contractions": (MoreContractions, _x(2, 8), {
+        "td": ("neuron", (1,), None, 1), "td3": ("neuron", (1, 2), None, 1), "inn": ("neuron", (0,), None, 1),
+        "mv": ("neuron", (0,), None, 1), "addb": ("neuron", (2,), None, 1)}, "neurons"),
     "einsum_several": (EinsumSeveral, _x(2, 8), {
         "w": ("neuron", (0,), None, 1), "g": ("gain", None, None, 1), "heads": ("neuron", (0, 2), None, 1)},
         "neurons"),
