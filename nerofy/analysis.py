@@ -11,6 +11,8 @@ function-mode recorder and torch.export all share it, so a rule is written once.
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -113,16 +115,23 @@ class Analyzer:
                 continue
             f = Finding(p, role, op=op, where=self.where, frontend=self.frontend, reason=reason)
             if rule is not None and role in ("neuron", "embedding"):
-                f = self._map_contraction(p, org, d.removed.get(p, frozenset()), rule, f)
+                f = self._map_contraction(p, org, d.removed.get(p, frozenset()), rule, f, d.shape)
             self.findings.append(f)
 
-    def _map_contraction(self, p, org, removed, rule: R.Contraction, f: Finding) -> Finding:
+    def _map_contraction(self, p, org, removed, rule: R.Contraction, f: Finding, used_shape=None) -> Finding:
         shape = self.param_shapes[p]
         if any(d >= len(org) for d in rule.neuron + rule.fan_in):
             f.role, f.reason = "free", f"{rule.role} rule of {f.op} does not fit the tensor's dims"
             return f
         neuron = set().union(*[org[d] for d in rule.neuron]) | set(removed)
         fan_in = set().union(*[org[d] for d in rule.fan_in])
+        n_used = math.prod(used_shape[d] for d in rule.neuron) if used_shape and rule.role == "neuron" else 1
+        if n_used > 1 and math.prod(shape[d] for d in neuron) == 1 and fan_in:
+            # one value per input, broadcast over all the op's neurons (a per-column scale such as
+            # weight norm's g with dim=1): it scales, it is not a neuron
+            f.role = "gain"
+            f.reason = f"shared by all {n_used} neurons of {f.op} (broadcast): scales their inputs"
+            return f
         split = None
         if rule.split_axis is not None:
             src = org[rule.split_axis]

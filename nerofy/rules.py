@@ -136,7 +136,9 @@ ELEMENTWISE_UNARY = {
     "upsample_nearest2d", "grid_sample", "rot90",
 }
 ELEMENTWISE_BINARY = {"mul", "div", "add", "sub", "maximum", "minimum", "pow", "fmod", "remainder", "atan2", "hypot",
-                      "copysign", "lerp", "addcmul", "addcdiv"}
+                      "copysign", "lerp", "addcmul", "addcdiv",
+                      # torch's weight norm, v * g / ||v||: g (size 1 but on `dim`) broadcasts onto v
+                      "weight_norm"}
 MULTIPLICATIVE = {"mul", "div"}
 ADDITIVE_OPS = {"add", "sub"}
 CONCATS = {"cat", "stack", "hstack", "vstack", "dstack", "column_stack"}

@@ -85,6 +85,22 @@ def test_grouped_mm_rule_follows_the_operand_shapes():
     assert R.canonical("grouped_mm_fallback") == R.canonical("_grouped_mm") == "grouped_mm"
 
 
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_weight_norm_direction_is_the_neuron_and_its_magnitude_a_gain(frontend):
+    """torch's weight norm, v * g / ||v||: v holds the neurons; g is a gain, whether it is one value per
+    output (dim=0) or one per input column shared by every neuron (dim=1)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    model = nn.Sequential(weight_norm(nn.Linear(8, 16)), nn.ReLU(), weight_norm(nn.Linear(16, 4), dim=1))
+    plan = make_plan(model, (torch.randn(4, 8),), frontends=(frontend,))
+    assert plan.frontend == frontend
+    for i in (0, 2):
+        g, v = plan[f"{i}.parametrizations.weight.original0"], plan[f"{i}.parametrizations.weight.original1"]
+        assert (v.role, v.axes, v.fan_in) == ("neuron", (0,), v.shape[1]), v
+        assert g.role == "gain", g
+    assert "shared by all 4 neurons" in plan["2.parametrizations.weight.original0"].reason
+
+
 def test_tensor_that_only_lends_its_dtype_carries_no_values():
     class OneHot(nn.Module):
         def __init__(self):
