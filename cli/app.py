@@ -136,7 +136,8 @@ def _print_plan(plan, max_reason: int = 70) -> None:
 @app.command()
 @guarded
 def convert(
-    model: str = typer.Argument(..., help="timm name (resnet50, timm:resnet50) or package.module:factory"),
+    model: str = typer.Argument(..., help="timm name (resnet50, timm:resnet50), torchvision:NAME, "
+                                          "transformers:NAME (as zoo rows name them) or package.module:factory"),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c",
                                              help="local state_dict to load (plain, nerofy-wrapped, or under "
                                                   "'state_dict'/'model')"),
@@ -188,17 +189,16 @@ def convert(
         ck = M.load_checkpoint(m, checkpoint, strict=strict)
         times["load"] = time.perf_counter() - t
     size = M.parse_size(input_size)
-    inputs = M.make_inputs(m, size)
-    own_size = M.input_size(m) is not None and size is None
+    inputs, plan_inputs, loss_fn = _check_inputs(model, m, size)
     say(f"planning ({M.count_params(m):,} parameters)")
     t = time.perf_counter()
-    plan = nerofy.plan(m, None if own_size else inputs)
+    plan = nerofy.plan(m, plan_inputs)
     times["plan"] = time.perf_counter() - t
     work = copy.deepcopy(m) if output else m
-    say(f"checking: {inputs[0].shape[0]} samples of {tuple(inputs[0].shape[1:])}, forward, backward, {steps} Nero steps")
+    say(f"checking: {_describe(inputs)}, forward, backward, {steps} Nero steps")
     from nerofy.check import check_model
 
-    r = check_model(work, inputs, steps=steps, lr=lr, verify=verify, plan=plan)
+    r = check_model(work, inputs, steps=steps, lr=lr, verify=verify, plan=plan, loss_fn=loss_fn)
     times.update({k: v for k, v in r.times.items() if k != "plan"})  # the plan was made above
     del work
     saved = None
@@ -215,7 +215,7 @@ def convert(
     peak = jobs.peak_mb(source)
     result = r.to_dict()
     result.update({
-        "model": model, "input_size": list(inputs[0].shape[1:]), "batch": int(inputs[0].shape[0]), "steps": steps,
+        "model": model, "input_size": _input_info(inputs)[1], "batch": _input_info(inputs)[0], "steps": steps,
         "times": {k: round(v, 4) for k, v in times.items()}, "peak_rss_mb": round(peak, 1),
         "start_rss_mb": round(base, 1), "peak_source": source, "checkpoint": ck, "output": saved,
         "attempts": [list(a) for a in plan.attempts], "versions": jobs.versions(),
@@ -232,6 +232,41 @@ def convert(
         _print_summary(result, plan)
     if r.status != "pass":
         raise typer.Exit(1)
+
+
+def _check_inputs(spec: str, model, size):
+    """(inputs, inputs to plan with or None, loss): a timm model plans at its own input size; a
+    torchvision/transformers model from nerofy's list brings its inputs (images and targets,
+    token ids ...) and loss."""
+    from nerofy.check import default_loss
+
+    from . import models as M
+
+    src = M.source_spec(spec)
+    if src is not None:
+        if size:
+            raise CliError(f"{spec} brings its own example inputs: --input-size is not supported for it")
+        inputs = src.inputs(2, 0)
+        return inputs, inputs, src.loss
+    inputs = M.make_inputs(model, size)
+    own_size = M.input_size(model) is not None and size is None
+    return inputs, None if own_size else inputs, default_loss
+
+
+def _input_info(inputs) -> tuple[int | None, list[int] | None]:
+    """(batch, one sample's shape) of the check's first input: a batched tensor, or a list of
+    samples (torchvision detectors take a list of images)."""
+    x = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
+    if isinstance(x, (list, tuple)):
+        return len(x), (list(x[0].shape) if x and hasattr(x[0], "shape") else None)
+    if hasattr(x, "shape") and x.dim() > 0:
+        return int(x.shape[0]), list(x.shape[1:])
+    return None, None
+
+
+def _describe(inputs) -> str:
+    b, shape = _input_info(inputs)
+    return f"{b} samples of {tuple(shape)}" if shape is not None else "the example inputs"
 
 
 def _print_summary(res: dict, plan) -> None:
@@ -288,7 +323,7 @@ def _print_summary(res: dict, plan) -> None:
 @app.command("plan")
 @guarded
 def plan_cmd(
-    model: str = typer.Argument(..., help="timm name or package.module:factory"),
+    model: str = typer.Argument(..., help="timm name, torchvision:NAME, transformers:NAME or package.module:factory"),
     arg: Optional[List[str]] = typer.Option(None, "--arg", "-a", help="factory keyword, key=value (repeatable)"),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="one sample's shape, e.g. 3,224,224"),
     as_json: bool = typer.Option(False, "--json", help="the plan as JSON on stdout"),
@@ -300,16 +335,20 @@ def plan_cmd(
     from . import models as M
 
     kwargs = M.parse_kwargs(arg)
-    try:
-        m = M.create(model, meta=True, kwargs=kwargs)
-    except CliError:
-        raise
-    except Exception:  # some factories cannot build on meta
-        m = M.create(model, kwargs=kwargs)
     size = M.parse_size(input_size)
-    inputs = None
-    if size or M.input_size(m) is None:
-        inputs = M.make_inputs(m, size)
+    if M.source_spec(model) is not None:  # small configs, real inputs (detectors trace one real forward)
+        m = M.create(model, kwargs=kwargs)
+        _, inputs, _ = _check_inputs(model, m, size)
+    else:
+        try:
+            m = M.create(model, meta=True, kwargs=kwargs)
+        except CliError:
+            raise
+        except Exception:  # some factories cannot build on meta
+            m = M.create(model, kwargs=kwargs)
+        inputs = None
+        if size or M.input_size(m) is None:
+            inputs = M.make_inputs(m, size)
     p = nerofy.plan(m, inputs)
     if as_json:
         sys.stdout.write(p.to_json() + "\n")

@@ -24,16 +24,38 @@ class UnknownModel(CliError):
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """``'resnet50'`` / ``'timm:resnet50'`` -> ``('timm', 'resnet50')``;
-    ``'pkg.mod:factory'`` -> ``('import', 'pkg.mod:factory')``."""
+    """``'resnet50'`` / ``'timm:resnet50'`` -> ``('timm', 'resnet50')``; ``'torchvision:resnet18'`` ->
+    ``('source', 'torchvision:resnet18')``; ``'pkg.mod:factory'`` -> ``('import', 'pkg.mod:factory')``."""
     spec = spec.strip()
     if not spec:
         raise CliError("empty model name")
     if spec.startswith("timm:"):
         return "timm", spec[len("timm:"):]
+    if source_spec(spec) is not None:
+        return "source", spec
     if ":" in spec:
         return "import", spec
     return "timm", spec
+
+
+SOURCE_PREFIXES = ("torchvision", "transformers")
+
+
+def source_spec(spec: str):
+    """The ``cli.sources`` ModelSpec that ``torchvision:NAME`` / ``transformers:NAME`` names (as zoo
+    rows do), or None for anything else (``torchvision.models:resnet18`` is an import path)."""
+    prefix, _, name = spec.partition(":")
+    if prefix not in SOURCE_PREFIXES or not name or "." in name:
+        return None
+    from . import sources as S
+
+    if name in S.names(prefix):
+        return S.get(prefix, name)
+    if hasattr(importlib.import_module(prefix), name):
+        return None  # a factory of the package itself: the import path
+    near = closest(name, S.names(prefix), 3)
+    raise UnknownModel(f"no {prefix} model {name!r} in nerofy's {prefix} list"
+                       + (f"; closest: {', '.join(f'{prefix}:{n}' for n in near)}" if near else ""))
 
 
 def _timm():
@@ -103,6 +125,10 @@ def create(spec: str, *, meta: bool = False, kwargs: dict | None = None) -> nn.M
     it on the ``meta`` device: structure only, no memory, no compute."""
     kind, name = parse_spec(spec)
     kwargs = dict(kwargs or {})
+    if kind == "source":
+        if kwargs:
+            raise CliError(f"{spec} is built from nerofy's fixed config: --arg is not supported for it")
+        return source_spec(spec).create(meta=meta)
     if kind == "timm":
         timm = _timm()
         name = check_timm_name(name)

@@ -90,6 +90,24 @@ def test_convert_prints_a_summary_and_the_plan(runner):
         assert text in out, text
 
 
+def test_convert_and_plan_models_named_as_zoo_rows_name_them(runner, monkeypatch):
+    """'transformers:NAME' / 'torchvision:NAME' build nerofy's listed model with its own inputs and
+    loss; an unknown one names the closest; a package path stays an import."""
+    pytest.importorskip("transformers")
+    d = _json(runner.invoke(app, ["convert", "transformers:gpt2", "--json", "--steps", "1"]))
+    assert d["status"] == "pass" and d["frontend"] == "record" and d["batch"] == 2 and d["input_size"] == [12]
+    res = runner.invoke(app, ["plan", "transformers:gpt2"])
+    assert res.exit_code == 0 and "transformer.h.0.mlp.c_fc.weight" in res.stdout
+    monkeypatch.delenv("NEROFY_DEBUG", raising=False)
+    res = runner.invoke(app, ["convert", "torchvision:resnet81"])
+    assert res.exit_code == 1 and "no torchvision model 'resnet81'" in res.stderr
+    assert "torchvision:resnet18" in res.stderr and res.stdout == ""
+    res = runner.invoke(app, ["convert", "transformers:gpt2", "--input-size", "3,32,32"])
+    assert res.exit_code == 1 and "brings its own example inputs" in res.stderr
+    assert M.parse_spec("torchvision:resnet18") == ("source", "torchvision:resnet18")
+    assert M.parse_spec("torchvision.models:resnet18") == ("import", "torchvision.models:resnet18")
+
+
 def test_unknown_model_is_one_red_line_with_closest_matches(runner, monkeypatch):
     monkeypatch.delenv("NEROFY_DEBUG", raising=False)
     res = runner.invoke(app, ["convert", "resnet5"])
