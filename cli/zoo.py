@@ -98,15 +98,40 @@ def finite(obj):
 
 
 class JsonlWriter:
-    """Append-only, one ``os.write`` per row, fsync'd: a kill never tears an earlier row."""
+    """Append-only, one ``os.write`` per row, fsync'd: a kill never tears an earlier row.
+
+    If the path comes to name another file while the sweep runs (``git stash`` or ``checkout``
+    rewrites it as a new file), the writer follows the path and first copies over every row of
+    the file it had open that the new one lacks: rows never go to an unlinked file."""
 
     def __init__(self, path: str):
         d = os.path.dirname(os.path.abspath(path))
         os.makedirs(d, exist_ok=True)
         repair_tail(path)
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def _follow_path(self) -> None:
+        try:
+            if os.path.samestat(os.fstat(self.fd), os.stat(self.path)):
+                return
+        except FileNotFoundError:
+            pass
+        old = _read_fd(self.fd).splitlines(keepends=True)
+        os.close(self.fd)
+        if os.path.exists(self.path):
+            repair_tail(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        have = set(_read_fd(self.fd).splitlines(keepends=True))
+        lost = [line for line in old if line.endswith(b"\n") and line not in have]
+        if lost:
+            os.write(self.fd, b"".join(lost))
+            os.fsync(self.fd)
+        print(f"nerofy zoo: {self.path} was replaced while running; continuing in the new file "
+              f"({len(lost)} rows copied over from the old one)", file=sys.stderr)
 
     def write(self, row: dict) -> None:
+        self._follow_path()
         data = (json.dumps(finite(row), default=str) + "\n").encode()
         n = os.write(self.fd, data)
         while n < len(data):  # regular files write everything at once; be safe anyway
@@ -124,6 +149,14 @@ class JsonlWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks, off = [], 0
+    while chunk := os.pread(fd, 1 << 20, off):
+        chunks.append(chunk)
+        off += len(chunk)
+    return b"".join(chunks)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -97,6 +97,24 @@ def test_writer_appends_whole_lines_and_resume_cuts_a_torn_tail(tmp_path):
     assert Z.repair_tail(path) == 100_000 and len(_rows(path)) == 3
 
 
+def test_writer_follows_its_path_when_the_file_is_replaced(tmp_path, capsys):
+    """`git stash` / `checkout` replace the results file while a sweep runs: new rows go to the file
+    at the path, and rows the replacement lacks are copied over, never lost in the unlinked file."""
+    path = tmp_path / "r.jsonl"
+    with Z.JsonlWriter(str(path)) as w:
+        w.write({"name": "a", "status": "pass"})
+        w.write({"name": "b", "status": "pass"})
+        old = path.read_bytes()
+        path.with_suffix(".new").write_bytes(old.splitlines(keepends=True)[0])  # an older version: only "a"
+        os.replace(path.with_suffix(".new"), path)
+        w.write({"name": "c", "status": "pass"})
+        assert [r["name"] for r in _rows(path)] == ["a", "b", "c"]
+        path.unlink()  # removed altogether: recreated with every row
+        w.write({"name": "d", "status": "pass"})
+    assert [r["name"] for r in _rows(path)] == ["a", "b", "c", "d"]
+    assert "was replaced while running" in capsys.readouterr().err
+
+
 def test_select_and_shard():
     names = ["resnet18", "resnet50", "vit_tiny", "vit_small", "convnext_tiny"]
     assert Z.select(names, ["resnet*"]) == ["resnet18", "resnet50"]
