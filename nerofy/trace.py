@@ -290,7 +290,6 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
             seen_inside = set()
 
     env: dict[fx.Node, Any] = {}
-    leaf_calls: list[tuple[str, nn.Module]] = []
 
     def res(a):
         return fx.node.map_arg(a, lambda n: env.get(n, Const(None)))
@@ -342,7 +341,8 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
                 if isinstance(mod, R_NORM_MODULES):
                     continue
                 an.emit(v, "additive", type(mod).__name__, f"fed as input to module {node.target}")
-            leaf_calls.append((node.target, mod))
+            # module rules for what a leaf covers, here in graph order ("first use" means first in forward)
+            an.findings.extend(_leaf_rule_findings(node.target, mod, names))
             d = _iter_derived((args, kwargs))
             if d and isinstance(mod, R_NORM_MODULES):
                 env[node] = an._elementwise(d, shp if isinstance(shp, tuple) else d[0].shape)
@@ -354,10 +354,7 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
             for v in _iter_derived(res(node.args)):
                 an.emit(v, "free", "output", "returned by forward without being consumed")
 
-    # leaf modules: module rules for what they cover; the recorder's look inside for the rest
-    for target, mod in leaf_calls:
-        for f in _leaf_rule_findings(target, mod, names):
-            an.findings.append(f)
+    # the recorder's look inside leaf modules and wrapped functions, for what no module rule covers
     an.findings.extend(inside_an.findings)
     return an, notes
 

@@ -101,6 +101,29 @@ def test_weight_norm_direction_is_the_neuron_and_its_magnitude_a_gain(frontend):
     assert "shared by all 4 neurons" in plan["2.parametrizations.weight.original0"].reason
 
 
+class TiedConvDecoder(nn.Module):
+    """A conv's weight reused by a transposed conv (a tied decoder): the uses disagree on the axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.conv_transpose2d(F.relu(self.enc(x)), self.enc.weight, padding=1)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_disagreeing_uses_resolve_to_the_first_use_in_forward(frontend):
+    """fx reads nn.Conv2d through its module rule: that use must still count in graph order."""
+    inputs = (torch.randn(2, 3, 8, 8),)
+    model = TiedConvDecoder()
+    plan = make_plan(model, inputs, frontends=(frontend,))
+    e = plan["enc.weight"]
+    assert (e.role, e.axes) == ("neuron", (0,)), e
+    assert any("first use" in w for w in e.warnings)
+    assert verify_axes(model, plan, inputs)["enc.weight"].status == "ok"
+
+
 def test_tensor_that_only_lends_its_dtype_carries_no_values():
     class OneHot(nn.Module):
         def __init__(self):
