@@ -117,10 +117,13 @@ def test_detection_in_train_mode_sums_its_losses():
     assert float(spec.loss(out)) == 3.0
 
 
-def test_check_job_row_fields():
+def test_check_job_row_fields(monkeypatch):
     row = S.check_job("transformers", "bert", steps=1, verify=False)
     assert row["name"] == "transformers:bert" and row["status"] == "pass" and row["family"] == "encoder"
     for k in ("tracer", "tensors_by_role", "params_by_role", "constrained_share", "times", "peak_rss_mb", "versions"):
         assert k in row
     big = S.check_job("torchvision", "vit_h_14", max_params=1_000_000)
     assert big["status"] == "skipped_size" and big["total_params"] > 1_000_000
+    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "2000")  # 630M fp32 weights and gradients alone need 4.7 GB
+    big = S.check_job("torchvision", "vit_h_14", max_params=None)
+    assert big["status"] == "oom" and big["error"].startswith("not run: needs at least") and "2.0 GB memory guard" in big["error"]
