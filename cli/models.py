@@ -38,21 +38,21 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return "timm", spec
 
 
-SOURCE_PREFIXES = ("torchvision", "transformers")
-
-
 def source_spec(spec: str):
     """The ``cli.sources`` ModelSpec that ``torchvision:NAME`` / ``transformers:NAME`` names (as zoo
     rows do), or None for anything else (``torchvision.models:resnet18`` is an import path)."""
-    prefix, _, name = spec.partition(":")
-    if prefix not in SOURCE_PREFIXES or not name or "." in name:
-        return None
     from . import sources as S
 
+    prefix, _, name = spec.partition(":")
+    if prefix not in S.SOURCES or not name or "." in name:
+        return None
     if name in S.names(prefix):
         return S.get(prefix, name)
-    if hasattr(importlib.import_module(prefix), name):
-        return None  # a factory of the package itself: the import path
+    try:
+        if hasattr(importlib.import_module(prefix), name):
+            return None  # a factory of the package itself: the import path
+    except ImportError:
+        pass
     near = closest(name, S.names(prefix), 3)
     raise UnknownModel(f"no {prefix} model {name!r} in nerofy's {prefix} list"
                        + (f"; closest: {', '.join(f'{prefix}:{n}' for n in near)}" if near else ""))
