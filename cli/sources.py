@@ -233,7 +233,80 @@ def _hf_specs() -> dict[str, ModelSpec]:
                                  eos_token_id=2, decoder_start_token_id=1, **no_cache),
          lambda b, g: (torch.randn(b, 16, 64, generator=g), None, _ids(b, g, 6))),
     ]
+    ids = lambda b, g: (_ids(b, g),)  # noqa: E731
+    pixels = lambda s: (lambda b, g: (torch.randn(b, 3, s, s, generator=g),))  # noqa: E731
+    for name, (model, config, extra) in _HF_DECODERS.items():
+        specs.append((name, "decoder", mk(model, config, **dict(_TXT, **no_cache, **extra)), ids))
+    for name, (model, config, extra) in _HF_ENCODERS.items():
+        specs.append((name, "encoder", mk(model, config, **dict(_TXT, **extra)), ids))
+    for name, (model, config, kw, size) in _HF_VISION.items():
+        specs.append((name, "vision", mk(model, config, **kw), pixels(size)))
     return {n: ModelSpec("transformers", n, task, f, inp) for n, task, f, inp in specs}
+
+
+# More architectures, each a small config over _TXT: name -> (model class, config class, overrides).
+_GQA = dict(num_key_value_heads=1)
+_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_HF_DECODERS = {
+    "mistral": ("MistralForCausalLM", "MistralConfig", _GQA),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _GQA),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_GQA, head_dim=16)),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_GQA, head_dim=16)),
+    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(_GQA, head_dim=16)),
+    "phi": ("PhiForCausalLM", "PhiConfig", {}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0, eos_token_id=2, bos_token_id=1)),
+    "falcon": ("FalconForCausalLM", "FalconConfig", {}),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),
+    "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(n_embd=_H, n_layer=2, n_head=2, rotary_dim=8, n_positions=64)),
+    "opt": ("OPTForCausalLM", "OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=_H)),
+    "bloom": ("BloomForCausalLM", "BloomConfig", dict(n_layer=2, n_head=2)),
+    "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(n_embd=_H, n_layer=2, n_head=2, n_positions=64)),
+    "mpt": ("MptForCausalLM", "MptConfig", dict(d_model=_H, n_layers=2, n_heads=2, max_seq_len=64)),
+    "stablelm": ("StableLmForCausalLM", "StableLmConfig", _GQA),
+    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", _GQA),
+    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", _GQA),
+    "cohere": ("CohereForCausalLM", "CohereConfig", _GQA),
+    "granite": ("GraniteForCausalLM", "GraniteConfig", _GQA),
+    "nemotron": ("NemotronForCausalLM", "NemotronConfig", _GQA),
+    "persimmon": ("PersimmonForCausalLM", "PersimmonConfig", {}),
+    "biogpt": ("BioGptForCausalLM", "BioGptConfig", {}),
+    "mamba": ("MambaForCausalLM", "MambaConfig", dict(state_size=8)),
+    "rwkv": ("RwkvForCausalLM", "RwkvConfig", {}),
+    "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", _GQA),
+    # mixtures of experts
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(_GQA, **_MOE, shared_expert_intermediate_size=32)),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(_GQA, **_MOE, head_dim=16)),
+    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(_GQA, **_MOE)),
+    "jamba": ("JambaForCausalLM", "JambaConfig", dict(_GQA, **_MOE)),
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(_GQA, **_MOE)),
+    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
+                    dict(num_key_value_heads=2, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                         n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
+}
+_HF_ENCODERS = {
+    "deberta_v2": ("DebertaV2Model", "DebertaV2Config", {}),
+    "electra": ("ElectraModel", "ElectraConfig", dict(embedding_size=16)),
+    "albert": ("AlbertModel", "AlbertConfig", dict(embedding_size=16)),
+    "mobilebert": ("MobileBertModel", "MobileBertConfig", dict(embedding_size=16, intra_bottleneck_size=16,
+                                                               true_hidden_size=16)),
+}
+_VIT = dict(hidden_size=_H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+_HF_VISION = {  # name -> (model class, config class, config, image size)
+    "swin": ("SwinModel", "SwinConfig", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                             num_heads=[1, 2], window_size=4), 32),
+    "convnext": ("ConvNextModel", "ConvNextConfig", dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2), 32),
+    "segformer": ("SegformerModel", "SegformerConfig", dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                                            hidden_sizes=[8, 16], num_attention_heads=[1, 2],
+                                                            decoder_hidden_size=16, patch_sizes=[7, 3],
+                                                            strides=[4, 2]), 32),
+    "dinov2": ("Dinov2Model", "Dinov2Config", dict(_VIT, image_size=28, patch_size=14), 28),
+    "beit": ("BeitModel", "BeitConfig", dict(_VIT, image_size=32, patch_size=8, use_relative_position_bias=True), 32),
+    "clip_vision": ("CLIPVisionModel", "CLIPVisionConfig", dict(_VIT, image_size=32, patch_size=8), 32),
+    "resnet": ("ResNetModel", "ResNetConfig", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]), 32),
+    "mobilevit": ("MobileViTModel", "MobileViTConfig", dict(image_size=32, hidden_sizes=[16, 24, 32],
+                                                            neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]), 32),
+}
 
 
 _CACHE: dict[str, dict[str, ModelSpec]] = {}

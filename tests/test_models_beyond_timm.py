@@ -52,7 +52,8 @@ SLOW_TV = ["mobilenet_v3_small", "vit_b_32", "swin_t", "convnext_tiny", "efficie
            "maskrcnn_resnet50_fpn", "keypointrcnn_resnet50_fpn", "ssdlite320_mobilenet_v3_large", "ssd300_vgg16",
            "raft_small", "swin3d_t", "s3d", "quantized_shufflenet_v2_x0_5"]
 FAST_HF = ["bert", "gpt2", "t5", "vit", "wav2vec2", "mixtral"]
-SLOW_HF = ["roberta", "distilbert", "llama", "bart", "whisper"]
+SLOW_HF = ["roberta", "distilbert", "llama", "bart", "whisper", "mistral", "deepseek_v3", "qwen3_moe", "mamba", "rwkv",
+           "deberta_v2", "swin", "mobilevit"]
 
 
 def test_sources_list_and_lookup():
