@@ -160,15 +160,16 @@ def _plan_fields(row: dict, plan) -> None:
     row["warning_samples"] = [w[:300] for w in plan.warnings[:MAX_WARNINGS]]
 
 
-def structural(model, row: dict, stage: Stage) -> str:
-    """Plan and rewrite ``model`` (on meta) in place; fills ``row``; returns the status."""
+def structural(model, row: dict, stage: Stage, plan_from: tuple | None = None) -> str:
+    """Plan and rewrite ``model`` (on meta) in place; fills ``row``; returns the status.
+    ``plan_from``: (a real copy of the model, example inputs) to plan from instead."""
     import nerofy
     from nerofy.rewrite import apply_plan
 
     stage("plan")
     t = time.perf_counter()
     try:
-        plan = nerofy.plan(model)
+        plan = nerofy.plan(*plan_from) if plan_from else nerofy.plan(model)
     except Exception as e:
         row["error"] = _err(e)
         return "oom" if is_oom(e) else "fail_plan"

@@ -50,3 +50,16 @@ def test_zoo_source_globs_and_exclude():
                                    "--list"])
     assert res.exit_code == 0, res.stderr
     assert res.stdout.split() == ["torchvision:ssd300_vgg16", "torchvision:vit_b_16", "torchvision:vit_b_32"]
+
+
+def test_zoo_source_structural_plans_small_models_from_their_inputs(tmp_path):
+    """A Hugging Face model does not trace on meta without inputs; its structural row is planned from
+    one real forward of its example inputs (record), not left to module rules."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "st.jsonl"
+    res = CliRunner().invoke(app, ["zoo", "--source", "transformers", "gpt2", "--structural", "--out", str(out),
+                                   "--jobs", "1"])
+    assert res.exit_code == 0, res.stderr
+    (row,) = _rows(out)
+    assert row["status"] == "pass" and row["tracer"] == "record" and "real forward" in row["note"]
+    assert row["tensors_by_role"]["neuron"] == 9 and "free" not in row["tensors_by_role"]
