@@ -401,14 +401,17 @@ def structural_job(source: str, name: str, stage: Callable[..., None] | None = N
     row["times"]["create"] = round(time.perf_counter() - t0, 4)
     row["total_params"] = sum(p.numel() for p in model.parameters())
     stage("counted", total_params=row["total_params"])
-    plan_from = None
     if row["total_params"] <= PLAN_FOR_REAL_MAX:
-        # Hugging Face models and detectors do not trace on meta without inputs (data-dependent
-        # control flow, .item()): small ones are planned from one real forward of their example
-        # inputs, and the plan is applied on meta as for every other model
+        # Hugging Face models and detectors do not trace on meta (data-dependent control flow,
+        # .item()): small ones are planned from one real forward of their example inputs, and the
+        # plan is applied on meta as for every other model
         torch.manual_seed(0)
         plan_from = (spec.create(), spec.inputs(2, 0))
         row["note"] = "planned from one real forward of the example inputs; rewritten on meta"
+    else:  # bigger ones trace on meta with the example inputs' shapes (torchvision models declare no input size)
+        from nerofy.trace import to_meta
+
+        plan_from = (model, to_meta(spec.inputs(2, 0)))
     row["status"] = jobs.structural(model, row, stage, plan_from=plan_from)
     return jobs._finish(row, t0, src)
 

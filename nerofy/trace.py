@@ -334,6 +334,9 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
                 for v in _iter_derived((args, kwargs)):
                     an.emit(v, "free", op, f"analysis of '{op}' failed: {type(e).__name__}: {_short(e)}")
                 env[node] = Const(None)
+            if _in_place(name) and node.args and isinstance(node.args[0], fx.Node):
+                # y.add_(w) / y += w change y itself: later uses of y's node see what flowed in
+                env[node.args[0]] = env[node]
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             args, kwargs = res(node.args), res(node.kwargs)
@@ -357,6 +360,15 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
     # the recorder's look inside leaf modules and wrapped functions, for what no module rule covers
     an.findings.extend(inside_an.findings)
     return an, notes
+
+
+_IN_PLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
+                       "imatmul"}
+
+
+def _in_place(name: str) -> bool:
+    """``add_``, ``masked_fill_``, ``copy_`` ... and the augmented assignments fx records as operators."""
+    return (name.endswith("_") and not name.startswith("_")) or name in _IN_PLACE_OPERATORS
 
 
 def _is_user_function(fn) -> bool:

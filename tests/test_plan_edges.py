@@ -124,6 +124,32 @@ def test_disagreeing_uses_resolve_to_the_first_use_in_forward(frontend):
     assert verify_axes(model, plan, inputs)["enc.weight"].status == "ok"
 
 
+class InPlacePositions(nn.Module):
+    """A position table built in place (torchvision's MViT: pos.add_(spatial)); later uses of the
+    mutated tensor carry every parameter that flowed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.temporal = nn.Parameter(torch.randn(2, 8))
+        self.spatial = nn.Parameter(torch.randn(3, 8))
+        self.extra = nn.Parameter(torch.randn(6, 8))
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        pos = torch.repeat_interleave(self.temporal, 3, dim=0)
+        pos.add_(self.spatial.repeat(2, 1))
+        pos += self.extra
+        return self.proj(x + pos)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_in_place_updates_carry_what_flowed_in(frontend):
+    plan = make_plan(InPlacePositions(), (torch.randn(2, 6, 8),), frontends=(frontend,))
+    assert plan.frontend == frontend
+    assert {n: plan[n].role for n in ("temporal", "spatial", "extra")} == dict.fromkeys(
+        ("temporal", "spatial", "extra"), "additive")
+
+
 def test_tensor_that_only_lends_its_dtype_carries_no_values():
     class OneHot(nn.Module):
         def __init__(self):
