@@ -259,6 +259,16 @@ class Analyzer:
                 return self._concat(op, derived, args, kwargs, out_shape)
             return self._elementwise_params(op, derived, out_shape)
 
+        # values written into a tensor: into activations they are learned inputs (a class token set
+        # by x[:, 0] = tok), into a constant buffer they become its values
+        if op in R.WRITES:
+            shape = out_shape if isinstance(out_shape, tuple) else _shape(args[0]) if args else None
+            if has_act:
+                for v in derived:
+                    self.emit(v, "additive", op, f"written into activations by {op}")
+                return Act(shape)
+            return self._elementwise(derived, shape)
+
         # no rule: say so, never guess
         for v in derived:
             self.emit(v, "free", op, f"consumed by '{op}', which has no rule")

@@ -142,6 +142,9 @@ ELEMENTWISE_BINARY = {"mul", "div", "add", "sub", "maximum", "minimum", "pow", "
 MULTIPLICATIVE = {"mul", "div"}
 ADDITIVE_OPS = {"add", "sub"}
 CONCATS = {"cat", "stack", "hstack", "vstack", "dstack", "column_stack"}
+# ops that write values into (a copy of) their first argument: x[:, 0] = token, index_put, scatters
+WRITES = {"setitem", "copy", "index_put", "index_copy", "index_add", "slice_scatter", "select_scatter",
+          "diagonal_scatter", "masked_scatter", "scatter", "scatter_add", "scatter_reduce", "put"}
 # reductions over some dims of a derived tensor (weight standardisation computes these)
 REDUCTIONS = {"mean", "sum", "std", "var", "norm", "vector_norm", "amax", "amin", "max", "min", "std_mean",
               "var_mean", "logsumexp", "prod", "nansum", "nanmean", "median", "frobenius_norm"}

@@ -149,15 +149,19 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        op = R.canonical(_fn_name(func))
+        name = _fn_name(func)
+        op = R.canonical(name)
         rargs = tree_map(self.resolve, args)
         rkw = tree_map(self.resolve, kwargs)
+        target = args[0] if args and isinstance(args[0], torch.Tensor) and _in_place(name) else None
         try:
-            val = self.an.call(op, rargs, rkw, _shapes_of(out))
+            val = self.an.call(op, rargs, rkw, _shapes_of(out if out is not None or target is None else target))
         except Exception as e:  # an op the analyzer cannot read must not stop the forward
             val = Const(None)
             for v in _iter_derived((rargs, rkw)):
                 self.an.emit(v, "free", op, f"analysis of '{op}' failed: {e}")
+        if target is not None and isinstance(val, (Derived, Act, Const)):
+            self.mark(target, val)  # x[i] = w returns None; x.add_(w) returns x: either way x now carries w
         if isinstance(out, torch.Tensor) and isinstance(val, (Derived, Act, Const)):
             self.mark(out, val)
         elif isinstance(out, (list, tuple)) and isinstance(val, list):
@@ -363,7 +367,7 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
 
 
 _IN_PLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "iand", "ior", "ixor",
-                       "imatmul"}
+                       "imatmul", "setitem", "__setitem__"}
 
 
 def _in_place(name: str) -> bool:
@@ -486,6 +490,8 @@ def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], sh
                 for v in _iter_derived((args, kwargs)):
                     an.emit(v, "free", op, f"analysis of '{op}' failed: {_short(e)}")
                 env[node] = Const(None)
+            if _in_place(name) and node.args and isinstance(node.args[0], fx.Node):
+                env[node.args[0]] = env[node]  # (a write into a view of another tensor is not followed)
         elif node.op == "output":
             for v in _iter_derived(res(node.args)):
                 an.emit(v, "free", "output", "returned by forward without being consumed")

@@ -142,6 +142,27 @@ class InPlacePositions(nn.Module):
         return self.proj(x + pos)
 
 
+class WrittenToken(nn.Module):
+    """A class token written into the sequence by item assignment."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Parameter(torch.randn(8))
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = x.clone()
+        x[:, 0] = self.tok
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("frontend", ["record", "export"])  # fx cannot trace item assignment on a Proxy
+def test_values_written_into_activations_are_additive(frontend):
+    plan = make_plan(WrittenToken(), (torch.randn(2, 5, 8),), frontends=(frontend,))
+    assert plan.frontend == frontend
+    assert plan["tok"].role == "additive" and "written into activations" in plan["tok"].reason
+
+
 @pytest.mark.parametrize("frontend", ["fx", "record", "export"])
 def test_in_place_updates_carry_what_flowed_in(frontend):
     plan = make_plan(InPlacePositions(), (torch.randn(2, 6, 8),), frontends=(frontend,))
