@@ -388,6 +388,9 @@ def zoo(
     verify_sample: bool = typer.Option(False, "--verify-sample", help="verify one parameter per distinct (module "
                                                                       "type, shape, axes): for big models"),
     batch: int = typer.Option(2, "--batch", min=1, help="samples per check batch, at the model's own input size"),
+    grad_checkpointing: bool = typer.Option(False, "--grad-checkpointing",
+                                            help="timm models that support it recompute activations in backward "
+                                                 "(set_grad_checkpointing): for models whose activations do not fit"),
     retry: Optional[str] = typer.Option(None, "--retry", help="with --resume: run again the models whose last row "
                                                                "has one of these statuses (comma-separated)"),
     order: str = typer.Option("name", "--order", help="name, or size: smallest first by the parameter counts "
@@ -463,7 +466,10 @@ def zoo(
     err.print(f"nerofy zoo: {len(names)} models selected, {len(names) - len(todo)} already in {escape(path)}, "
               f"{len(todo)} to run ({mode}; {jobs} workers x {pool.threads} threads, timeout {timeout:g} s, memory guard {max_mem:.0f} MB"
               + (f", max params {max_params / 1e6:g}M" if (max_params and not structural) else "") + ")")
+    if grad_checkpointing and (structural or source != "timm"):
+        raise CliError("--grad-checkpointing applies to the full check of timm models")
     tasks = [{"name": n, "mode": mode, "steps": steps, "source": source, "batch": batch,
+              **({"grad_checkpointing": True} if grad_checkpointing else {}),
               "verify": ("sample" if verify_sample else True) if verify else False,
               "max_params": int(max_params) if max_params else None} for n in todo]
     counts = {"pass": 0, "fail": 0, "skip": 0}

@@ -247,7 +247,7 @@ def fill_check_row(row: dict, r, steps: int, batch: int | None = None, verify: b
 
 def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool | str = True,
               max_params: int | None = 60_000_000, kwargs: dict | None = None, batch: int = 2,
-              seed: int = 0) -> dict:
+              seed: int = 0, grad_checkpointing: bool = False) -> dict:
     """The full check (see module doc); models over ``max_params`` get ``skipped_size``."""
     from nerofy.check import check_model
 
@@ -283,6 +283,8 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool |
         row["status"], row["error"] = ("oom" if is_oom(e) else "fail_create"), _err(e)
         return _finish(row, t0, source)
     row["times"]["create"] = round(time.perf_counter() - t0, 4)
+    if grad_checkpointing:
+        row["grad_checkpointing"] = _enable_grad_checkpointing(model)
     if max_params and row["total_params"] > max_params:  # could not count on meta
         row["status"] = "skipped_size"
         row["error"] = f"{row['total_params'] / 1e6:.1f}M parameters > --max-params (not buildable on meta)"
@@ -304,10 +306,22 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool |
     if needs_batch_2(batch, r.error):
         release_memory()
         return batch_2_row(check_job(name, stage, steps=steps, verify=verify, max_params=max_params, kwargs=kwargs,
-                                     batch=2, seed=seed))
+                                     batch=2, seed=seed, grad_checkpointing=grad_checkpointing))
     fill_check_row(row, r, steps, batch, verify)
     del r
     return _finish(row, t0, source)
+
+
+def _enable_grad_checkpointing(model) -> bool | str:
+    """timm's set_grad_checkpointing: True, or why it could not be turned on (the check runs without)."""
+    fn = getattr(model, "set_grad_checkpointing", None)
+    if fn is None:
+        return "not supported: the model has no set_grad_checkpointing"
+    try:
+        fn(True)
+    except Exception as e:
+        return f"not supported: {_err(e)}"
+    return True
 
 
 # The least a training step holds per parameter, activations and balanced weights aside: after the

@@ -170,7 +170,8 @@ def checked_at(r: dict) -> str:
         return ""
     size = "x".join(str(d) for d in r["input_size"])
     verify = {"sample": ", axes sampled", False: ", axes not verified"}.get(r.get("verify"), "")
-    return f"{r.get('batch') or 2} x {size}{verify}"
+    gc = ", grad checkpointing" if r.get("grad_checkpointing") is True else ""
+    return f"{r.get('batch') or 2} x {size}{verify}{gc}"
 
 
 def check_settings(rows: list[dict]) -> str:
@@ -182,7 +183,10 @@ def check_settings(rows: list[dict]) -> str:
     parts = [f"{n} at batch {b}" + {"sample": " with axes verified on one parameter per distinct (module type, "
                                               "shape, axes)", False: " without axis verification"}.get(v, "")
              for (b, v), n in sorted(c.items(), key=lambda kv: -kv[1])]
-    return "Full checks run at each model's own input size: " + "; ".join(parts) + "."
+    gc = sum(1 for r in rows if r.get("mode") == "check" and r.get("grad_checkpointing") is True)
+    return ("Full checks run at each model's own input size: " + "; ".join(parts) + "."
+            + (f" {gc} of them with gradient checkpointing (timm's set_grad_checkpointing: activations "
+               "recomputed in backward), after their activations did not fit." if gc else ""))
 
 
 def _model_row(r: dict) -> list[str]:

@@ -109,7 +109,8 @@ def main() -> None:
             else:
                 row = jobs.check_job(name, stage, steps=task.get("steps", 3), verify=task.get("verify", True),
                                      max_params=task.get("max_params"), kwargs=task.get("kwargs"),
-                                     batch=task.get("batch", 2))
+                                     batch=task.get("batch", 2),
+                                     grad_checkpointing=task.get("grad_checkpointing", False))
         except BaseException as e:  # a bug in the job itself: still one row
             row = jobs.base_row(name, task.get("mode", "check"))
             row["status"] = "oom" if jobs.is_oom(e) else "fail_create"

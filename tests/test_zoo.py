@@ -11,6 +11,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("typer")
 pytest.importorskip("timm")
@@ -164,6 +165,15 @@ def test_check_job_and_size_skip():
     for r in (row, big):
         assert r["status"] in STATUSES
         json.dumps(r)
+
+
+def test_check_job_with_grad_checkpointing_computes_the_same_steps():
+    plain = J.check_job("test_vit", steps=2, max_params=None)
+    gc = J.check_job("test_vit", steps=2, max_params=None, grad_checkpointing=True)
+    assert plain["status"] == gc["status"] == "pass" and gc["grad_checkpointing"] is True
+    assert gc["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert "grad checkpointing" in R.checked_at(gc) and "gradient checkpointing" in R.check_settings([gc])
+    assert J._enable_grad_checkpointing(torch.nn.Linear(2, 2)).startswith("not supported")
 
 
 def test_check_job_never_runs_what_cannot_fit(monkeypatch):

@@ -42,6 +42,9 @@ def test_zoo_source_errors(tmp_path):
     assert res.exit_code == 1 and "unknown --source 'keras'" in res.stderr
     res = runner.invoke(app, ["zoo", "--source", "torchvision", "resnet1800", "--out", str(tmp_path / "x.jsonl")])
     assert res.exit_code == 1 and "no torchvision model matches" in res.stderr and "torchvision:resnet18" in res.stderr
+    res = runner.invoke(app, ["zoo", "--source", "torchvision", "resnet18", "--grad-checkpointing",
+                              "--out", str(tmp_path / "y.jsonl")])
+    assert res.exit_code == 1 and "--grad-checkpointing applies to the full check of timm models" in res.stderr
 
 
 def test_zoo_source_globs_and_exclude():
