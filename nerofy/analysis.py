@@ -12,7 +12,6 @@ function-mode recorder and torch.export all share it, so a rule is written once.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
