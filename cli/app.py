@@ -214,8 +214,9 @@ def convert(
         say(f"saved {'plain (baked)' if bake else 'wrapped'} state_dict to {output}")
     peak = jobs.peak_mb(source)
     result = r.to_dict()
+    batch, sample_shape = _input_info(inputs)
     result.update({
-        "model": model, "input_size": _input_info(inputs)[1], "batch": _input_info(inputs)[0], "steps": steps,
+        "model": model, "input_size": sample_shape, "batch": batch, "steps": steps,
         "times": {k: round(v, 4) for k, v in times.items()}, "peak_rss_mb": round(peak, 1),
         "start_rss_mb": round(base, 1), "peak_source": source, "checkpoint": ck, "output": saved,
         "attempts": [list(a) for a in plan.attempts], "versions": jobs.versions(),
