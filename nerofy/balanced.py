@@ -76,10 +76,10 @@ class _BalancedFn(torch.autograd.Function):
         c = view - view.mean(dim=dims, keepdim=True) if layout.center else view.clone()
         norm = torch.linalg.vector_norm(c, dim=dims, keepdim=True, dtype=_acc(c.dtype)).clamp_min_(1e-12)
         r = scale / norm
-        if c.dtype == r.dtype:
+        if c.dtype == _acc(c.dtype):  # fp32/fp64, or complex64/128 times its (real) norm
             c.mul_(r)
         else:
-            c = (c.to(r.dtype) * r).to(v.dtype)
+            c = (c.to(_acc(c.dtype)) * r).to(v.dtype)
         w = c.reshape(v.shape)
         ctx.save_for_backward(w, norm)
         ctx.layout, ctx.scale = layout, scale
@@ -102,7 +102,9 @@ class _BalancedFn(torch.autograd.Function):
         # out = a (g - mean(g)) - a <u, g> / s^2 u with a = s / ||c||, in two weight-sized passes
         # after the reductions: t = -a mean(g) - coef u, then out = t + a g (no centred copy of g)
         a = scale / norm
-        coef = (u * gf).sum(dim=dims, keepdim=True).mul_(a).div_(scale * scale)
+        # <u, g> is the real inner product: a complex weight is a pair of real ones (Re conj(u) g)
+        ug = (u.conj() * gf).real if gf.is_complex() else u * gf
+        coef = ug.sum(dim=dims, keepdim=True).mul_(a).div_(scale * scale)
         if layout.center:
             out = torch.addcmul(gf.mean(dim=dims, keepdim=True).mul_(-a), u, coef, value=-1.0)
         else:
@@ -125,11 +127,11 @@ def fill_dead_(t: Tensor, layout: NeuronLayout, dead: Tensor | None = None) -> i
     view, dims = layout.neuron_view(t)
     if dead is None:
         centred = view - view.mean(dim=dims, keepdim=True) if layout.center else view
-        dead = torch.linalg.vector_norm(centred.float(), dim=dims, keepdim=True) <= DEAD_NORM
+        dead = torch.linalg.vector_norm(centred, dim=dims, keepdim=True, dtype=_acc(centred.dtype)) <= DEAD_NORM
     n_dead = int(dead.sum())
     if n_dead:
         gen = torch.Generator().manual_seed(0x4E45524F)  # "NERO"
-        fresh = torch.randn(view.shape, generator=gen, dtype=torch.float32).to(view.device)
+        fresh = torch.randn(view.shape, generator=gen, dtype=_acc(t.dtype)).to(view.device)
         fresh = layout.project(fresh.reshape(t.shape)).to(t.dtype)
         fresh_view, _ = layout.neuron_view(fresh)
         view.copy_(torch.where(dead, fresh_view, view))

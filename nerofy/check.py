@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from .layout import upcast
 from .plan import Plan, make_plan
 from .rewrite import wrap
 from .verify import verify_axes
@@ -57,7 +58,7 @@ def constraint_error(model: nn.Module, plan: Plan) -> float:
         if e.role != "neuron":
             continue
         mname, _, attr = e.name.rpartition(".")
-        w = getattr(mods[mname], attr).detach().float()
+        w = upcast(getattr(mods[mname], attr).detach())
         view, dims = e.layout().neuron_view(w)
         if e.center:
             worst = max(worst, float(view.mean(dim=dims).abs().max()))

@@ -154,8 +154,16 @@ class NeuronLayout:
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype for norms: at least fp32."""
+    """Accumulation dtype for norms: at least fp32 (complex64 for complex tensors, whose norms
+    ``vector_norm`` returns as real)."""
+    if dtype.is_complex:
+        return torch.promote_types(dtype, torch.complex64)
     return torch.promote_types(dtype, torch.float32) if dtype.is_floating_point else torch.float32
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least fp32 for statistics; complex tensors keep their imaginary part."""
+    return t.to(_acc(t.dtype)) if t.dtype != _acc(t.dtype) else t
 
 
 ELEMENTWISE = NeuronLayout(axes=None)

@@ -115,6 +115,12 @@ def nero_update(
     """
     lr = float(lr)  # a 0-dim tensor lr (accepted by Nero) cannot go into the foreach scalar lists
     skipped = 0
+    if foreach and any(x[0].is_complex() for x in (*neurons, *elements)):
+        # complex weights (spectral layers): the reference path, whose squares are |g|^2
+        cn, ce = [x for x in neurons if x[0].is_complex()], [x for x in elements if x[0].is_complex()]
+        neurons = [x for x in neurons if not x[0].is_complex()]
+        elements = [x for x in elements if not x[0].is_complex()]
+        skipped += _update_reference(cn, ce, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite)
     if fused:
         from . import _fused
 
@@ -204,7 +210,7 @@ def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite):
     for w, g, v, lay, t, s in neurons:
         wv, d = lay.neuron_view(w)
         gv, _ = lay.neuron_view(g)
-        sq = gv.square().sum(dim=d, keepdim=True)
+        sq = _sq(gv).sum(dim=d, keepdim=True)
         if skip_nonfinite:
             bad = ~torch.isfinite(sq)
             skipped += int(bad.sum())
@@ -221,10 +227,15 @@ def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite):
             bad = ~torch.isfinite(g)
             skipped += int(bad.sum())
             g = g.masked_fill(bad, 0.0)
-        v.mul_(beta).add_((1.0 - beta) * g * g)
+        v.mul_(beta).add_((1.0 - beta) * _sq(g))
         v_hat = v / (1.0 - beta ** t)
         w.sub_(lr * s * g / v_hat.sqrt().clamp_min(eps))
     return skipped
+
+
+def _sq(t: Tensor) -> Tensor:
+    """|t|^2 elementwise, real also for complex ``t`` (a complex weight is two real ones)."""
+    return t.real.square() + t.imag.square() if t.is_complex() else t.square()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,14 +334,14 @@ class Nero(torch.optim.Optimizer):
     # -- state ---------------------------------------------------------------------------
     def _init_state(self, p: Tensor, lay: NeuronLayout, group: dict) -> dict:
         st = self.state[p]
-        w = p.detach().float()
+        w = p.detach() if p.is_complex() else p.detach().float()  # complex: |w| needs the imaginary part
         if lay.elementwise:
-            st["v"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+            st["v"] = torch.zeros_like(w, dtype=torch.float32, memory_format=torch.preserve_format)
             mags = w.abs()
         else:
             wv, d = lay.neuron_view(w)
             mags = torch.linalg.vector_norm(wv, dim=d, keepdim=True)
-            st["v"] = torch.zeros_like(mags)
+            st["v"] = torch.zeros_like(mags, dtype=torch.float32)
         if lay.normalize:
             s = 1.0
         else:

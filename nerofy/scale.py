@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .balanced import Balanced
+from .layout import upcast
 
 log = logging.getLogger("nerofy")
 
@@ -31,7 +32,7 @@ def init_scale(w: torch.Tensor, layout) -> float:
     """Mean centred neuron norm of ``w`` (the ``"init"`` gain); 1.0 for an all-zero or meta tensor."""
     if w.is_meta:
         return 1.0
-    _, norms = layout.project_with_norms(w.detach().float())
+    _, norms = layout.project_with_norms(upcast(w.detach()))
     s = float(norms.mean()) if norms is not None and norms.numel() else 0.0
     return s if s > 0 and s == s else 1.0
 
