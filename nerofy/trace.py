@@ -545,6 +545,19 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                         out.frontend, an = "record", ran
                         break
                     except Exception as e:
+                        if example_inputs is not None and meta is not model:
+                            # meta cannot run it either (a tensor made on the CPU inside forward,
+                            # .item()): one real forward with the user's inputs has every shape
+                            try:
+                                an = _record_real(model, example_inputs, shapes)
+                                out.attempts.append(("fx", "traced, but the graph did not run on meta: " + n[0][4:]))
+                                out.attempts.append(("record", "ok"))
+                                notes.append(f"record: meta forward failed ({type(e).__name__}: {_short(e, 80)}); "
+                                             "recorded one real forward instead")
+                                out.frontend = "record"
+                                break
+                            except Exception as e2:
+                                e = e2
                         n.append(f"record after fx: {type(e).__name__}: {_short(e, 80)}")
                 notes += n
             elif f == "record":
@@ -561,10 +574,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                     # one real forward instead, with the user's inputs
                     notes.append(f"record: meta forward failed ({type(e).__name__}: {_short(e, 80)}); "
                                  "recorded one real forward instead")
-                    rnames, _ = param_table(model)
-                    an = Analyzer("record", shapes)
-                    real_in = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-                    record(model, real_in, {}, an, rnames, skip=_opaque_params(model, rnames))
+                    an = _record_real(model, example_inputs, shapes)
             elif f == "export":
                 if inputs is None:
                     out.attempts.append((f, "skipped: no example inputs"))
@@ -597,6 +607,15 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
         out.frontend = "modules"
     out.findings = found
     return out
+
+
+def _record_real(model: nn.Module, example_inputs, shapes: dict) -> Analyzer:
+    """The recorder over one real forward of ``model`` with the user's inputs."""
+    rnames, _ = param_table(model)
+    an = Analyzer("record", shapes)
+    real_in = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    record(model, real_in, {}, an, rnames, skip=_opaque_params(model, rnames))
+    return an
 
 
 def _opaque_params(model: nn.Module, names: dict[int, str]) -> set[str]:

@@ -308,3 +308,33 @@ def test_fx_traces_arguments_left_at_constant_defaults_as_constants():
     plan = make_plan(OptionalMask(), (torch.randn(3, 8),))
     assert plan.frontend == "fx" and plan.attempts == [("fx", "ok")]
     assert (plan["fc.weight"].role, plan["fc.weight"].axes) == ("neuron", (0,))
+
+
+class CpuIndexGraph(nn.Module):
+    """fx traces it, but neither the fx graph nor the recorder runs on meta: forward makes its edge
+    index with torch.arange on the CPU and index_add_ refuses to mix it with meta tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 16)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        src = torch.arange(x.shape[0])
+        dst = (src + 1) % x.shape[0]
+        h = self.lin(x)
+        agg = torch.zeros_like(h).index_add_(0, dst, h[src])
+        return self.out(F.relu(agg + h))
+
+
+def test_graph_that_runs_on_no_meta_frontend_is_recorded_from_one_real_forward():
+    x = torch.randn(6, 8)
+    p = make_plan(CpuIndexGraph(), (x,))
+    assert p.frontend == "record"
+    assert any(f == "fx" and "did not run on meta" in msg for f, msg in p.attempts)
+    assert any("recorded one real forward" in w for w in p.warnings)
+    assert not any("shapes unknown" in w for w in p.warnings)
+    assert [(e.name, e.role, e.axes) for e in p if e.role == "neuron"] == [("lin.weight", "neuron", (0,)),
+                                                                           ("out.weight", "neuron", (0,))]
+    r = check_model(CpuIndexGraph(), (x,), steps=2, plan=p)
+    assert r.status == "pass" and r.axes["fail"] == 0, r.error
