@@ -239,14 +239,19 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
         _check_inputs(model, example_inputs)
     tr = trace(model, example_inputs, frontends)
     entries, warnings = [], []
+    unreached = set(tr.unreached)
     for name, p in params.items():
         e = _resolve(name, tuple(p.shape), tr.findings.get(name, []))
+        if e.frontend == "" and name in unreached:
+            # traced, but this forward never touched it (an optional input's branch, an unused head)
+            e.reason = f"not used by the {tr.frontend} trace's forward and no module rule knows it"
+            e.warnings = [f"not used by the forward with these inputs: left unconstrained (free); pass inputs "
+                          f"that use it, or set its role with plan.override"]
         if not p.requires_grad:
             e.reason = f"requires_grad=False (would be {e.role})"
             e.role, e.warnings = "frozen", []
         entries.append(e)
         warnings += [f"{name}: {w}" for w in e.warnings]
-    unreached = set(tr.unreached)
     fallback = [e.name for e in entries if e.frontend == "modules" and e.role != "frozen"
                 and (tr.frontend == "modules" or e.name in unreached)]
     unplaced = [e.name for e in entries if e.frontend == "" and e.role != "frozen"]
@@ -257,9 +262,14 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
     if tr.frontend == "modules" and fallback:
         warnings.insert(0, "no frontend traced the model" + (f" [{'; '.join(failed)}]" if failed else "")
                         + f"; {len(fallback)} parameters placed by module rules: {_names(fallback)}")
-    if unplaced:
-        warnings.append(f"{len(unplaced)} parameters had no rule anywhere and stay unconstrained ('free'): "
-                        f"{_names(unplaced)}")
+    unused = [n for n in unplaced if n in unreached]
+    if unused:
+        warnings.append(f"{len(unused)} parameters are not used by the forward with these inputs and stay "
+                        f"unconstrained ('free'): {_names(unused)}")
+    if len(unused) < len(unplaced):
+        rest = [n for n in unplaced if n not in unreached]
+        warnings.append(f"{len(rest)} parameters had no rule anywhere and stay unconstrained ('free'): "
+                        f"{_names(rest)}")
     for w in warnings[:1] if tr.frontend == "modules" else []:
         log.warning("nerofy: %s", w)
     notes = [msg for f, msg in tr.attempts if f == "note"]

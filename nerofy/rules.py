@@ -30,7 +30,7 @@ _ALIASES = {
     "swapdims": "transpose", "concat": "cat", "concatenate": "cat", "clip": "clamp",
     "_unsafe_view": "view", "unsafe_view": "view", "moveaxis": "movedim", "conv_transpose": "conv_transpose",
     "scaled_dot_product_attention": "sdpa", "_scaled_dot_product_attention": "sdpa",
-    "linalg_vector_norm": "vector_norm", "alias": "identity", "detach": "identity", "lift_fresh_copy": "identity",
+    "linalg_vector_norm": "vector_norm", "alias": "identity", "detach": "identity", "data": "identity", "lift_fresh_copy": "identity",
     "_to_copy": "to", "clone": "identity", "contiguous": "identity", "to": "identity", "type_as": "identity",
     "float": "identity", "half": "identity", "bfloat16": "identity", "double": "identity", "type": "identity",
     "cuda": "identity", "cpu": "identity", "requires_grad_": "identity", "native_layer_norm": "layer_norm",
@@ -154,7 +154,9 @@ SHAPE_ONLY = {"size", "dim", "ndim", "numel", "shape", "zeros_like", "ones_like"
               "is_floating_point", "element_size", "dtype", "device", "is_contiguous", "stride",
               "data_ptr", "nelement", "requires_grad", "is_complex", "storage_offset", "ne", "eq", "isnan",
               "isinf", "isfinite", "any", "all", "gt", "lt", "ge", "le", "argmax", "argmin", "is_nonzero",
-              "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "empty_strided"}
+              "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "empty_strided",
+              # autograd bookkeeping module.to()/_apply reads on each parameter: not a use of its values
+              "grad", "has_compatible_shallow_copy_type", "is_leaf", "grad_fn", "_version"}
 
 
 @dataclass(frozen=True)

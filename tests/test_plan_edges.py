@@ -338,3 +338,54 @@ def test_graph_that_runs_on_no_meta_frontend_is_recorded_from_one_real_forward()
                                                                            ("out.weight", "neuron", (0,))]
     r = check_model(CpuIndexGraph(), (x,), steps=2, plan=p)
     assert r.status == "pass" and r.axes["fail"] == 0, r.error
+
+
+class OptionalBranch(nn.Module):
+    """``seg`` is used only when the caller passes segment ids (XLNet's seg_embed, BERT-style options)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.seg = nn.Parameter(torch.randn(2, 8))
+
+    def forward(self, x, seg_ids=None):
+        h = self.lin(x)
+        return h + self.seg[seg_ids] if seg_ids is not None else h
+
+
+def test_parameter_the_forward_does_not_use_is_free_with_the_reason_and_the_fix():
+    x = torch.randn(3, 8)
+    p = make_plan(OptionalBranch(), (x,))
+    e = p["seg"]
+    assert e.role == "free" and "not used" in e.reason
+    assert any(w.startswith("seg: not used by the forward with these inputs") and "plan.override" in w
+               for w in p.warnings)
+    assert any("1 parameters are not used by the forward" in w for w in p.warnings)
+    assert not any("no rule anywhere" in w for w in p.warnings)
+    p2 = make_plan(OptionalBranch(), (x, torch.tensor([0, 1, 1])))
+    assert p2["seg"].role == "embedding"
+
+
+class CastsItsRouter(nn.Module):
+    """Casts a submodule inside forward (SwitchTransformers' router does): module.to() reads each
+    parameter's .data, .grad and shallow-copy compatibility, which are not uses of its values."""
+
+    def __init__(self):
+        super().__init__()
+        self.router = nn.Linear(8, 4)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        self.router = self.router.to(x.dtype)
+        gate = self.router(x).softmax(-1).amax(-1, keepdim=True)
+        if gate.sum().item() > 0:  # data-dependent: fx cannot trace it, the recorder follows it
+            x = x * gate
+        return self.out(x)
+
+
+def test_module_to_inside_forward_is_not_a_use_of_the_weights():
+    x = torch.randn(3, 8)
+    p = make_plan(CastsItsRouter(), (x,))
+    assert p.frontend == "record"
+    assert (p["router.weight"].role, p["router.weight"].axes) == ("neuron", (0,))
+    assert not any("no rule applies" in w for w in p.warnings), p.warnings
