@@ -310,6 +310,8 @@ class Analyzer:
     def _concat(self, op, ds, args, kwargs, out_shape):
         seq = args[0] if args else kwargs.get("tensors", ())
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if op == "stack" and isinstance(dim, int):
+            return self._stack(ds, dim, out_shape)
         if op != "cat":
             for d in ds:
                 self.emit(d, "free", op, f"stacked by {op} without activations (no rule)")
@@ -317,6 +319,24 @@ class Analyzer:
         nd = len(out_shape) if out_shape is not None else max(len(d.shape or ()) for d in ds)
         parts = [v for v in seq if isinstance(v, Derived)]
         return self._elementwise(parts, out_shape) if isinstance(dim, int) and nd else self._plain(out_shape, False)
+
+    def _stack(self, ds: list[Derived], dim: int, out_shape):
+        """torch.stack of weights (per-expert or per-layer tensors): each part's dims move past a
+        new leading-or-inner dim that no parameter dim feeds."""
+        nd = len(ds[0].shape or ()) + 1
+        if any(d.shape is None or len(d.shape) != nd - 1 for d in ds):
+            for d in ds:
+                self.emit(d, "free", "stack", "stacked by stack with unknown shapes")
+            return self._plain(out_shape, False)
+        k = dim % nd
+        origins, removed = {}, {}
+        for d in ds:
+            moved = {p: tuple(org[:k]) + (frozenset(),) + tuple(org[k:]) for p, org in d.origins.items()}
+            origins = _merge(origins, moved)
+            for p, r in d.removed.items():
+                removed[p] = removed.get(p, frozenset()) | r
+        shape = tuple(out_shape) if isinstance(out_shape, tuple) else None
+        return Derived(shape, origins, removed)
 
     def _reduce(self, d: Derived, args, kwargs, out_shape):
         if d.shape is None:

@@ -389,3 +389,28 @@ def test_module_to_inside_forward_is_not_a_use_of_the_weights():
     assert p.frontend == "record"
     assert (p["router.weight"].role, p["router.weight"].axes) == ("neuron", (0,))
     assert not any("no rule applies" in w for w in p.warnings), p.warnings
+
+
+class StackedExperts(nn.Module):
+    """Per-expert weights kept as separate parameters and stacked in forward, along a new leading
+    dim (then bmm) or a new last dim (then einsum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(6, 8) / 3) for _ in range(3)])  # (out, in)
+        self.vs = nn.ParameterList([nn.Parameter(torch.randn(6, 5) / 3) for _ in range(3)])  # (in, out)
+
+    def forward(self, x):  # (3, b, 8)
+        h = torch.bmm(x, torch.stack(list(self.ws)).transpose(1, 2))  # (e, b, 6)
+        v = torch.stack(list(self.vs), dim=-1)  # (in 6, out 5, e)
+        return torch.einsum("ebi,ioe->ebo", F.relu(h), v)
+
+
+def test_weights_stacked_in_forward_keep_their_own_neuron_axes():
+    x = torch.randn(3, 4, 8)
+    p = make_plan(StackedExperts(), (x,))
+    for i in range(3):
+        assert (p[f"ws.{i}"].role, p[f"ws.{i}"].axes) == ("neuron", (0,))
+        assert (p[f"vs.{i}"].role, p[f"vs.{i}"].axes) == ("neuron", (1,))  # the einsum contracts their dim 0
+    r = check_model(StackedExperts(), (x,), steps=2, plan=p)
+    assert r.status == "pass", r.error
