@@ -18,6 +18,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from . import rules as R
+from .layout import upcast
 from .plan import Plan
 from .trace import _fn_name
 
@@ -61,8 +62,8 @@ def _storage_key(t: torch.Tensor) -> int:
 
 def _first_tensor(out):
     for t in tree_leaves(out):
-        if isinstance(t, torch.Tensor) and t.is_floating_point():
-            return t
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            return upcast(t)
     return None
 
 
@@ -110,10 +111,10 @@ def _check_one(e, p: torch.Tensor, func, args, kwargs, op, k: int) -> AxisCheck:
         n *= s
     base = _first_tensor(func(*args, **kwargs))
     if base is None:
-        return AxisCheck(e.name, "unverified", f"{op} gave no floating output", op)
+        return AxisCheck(e.name, "unverified", f"{op} gave no floating or complex output", op)
     saved = p.data.clone()
     gen = torch.Generator().manual_seed(0)
-    tol = 1e-4 * (float(base.float().abs().max()) + 1e-6)
+    tol = 1e-4 * (float(base.abs().max()) + 1e-6)
 
     def reach(i: int) -> torch.Tensor:
         idx = _unravel(i, nshape)
@@ -127,7 +128,7 @@ def _check_one(e, p: torch.Tensor, func, args, kwargs, op, k: int) -> AxisCheck:
             out = _first_tensor(func(*args, **kwargs))
         finally:
             p.data.copy_(saved)
-        return (out.float() - base.float()).abs() > tol
+        return (out - base).abs() > tol
 
     # A weight used in pieces (chunk, split) feeds this call with only some neurons: widen the
     # sample until two neurons that reach it are found.

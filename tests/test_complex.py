@@ -13,6 +13,7 @@ from nerofy import Balanced, Nero, NeuronLayout, balance
 from nerofy.balanced import fill_dead_
 from nerofy.check import check_model
 from nerofy.optim import nero_update
+from nerofy.verify import verify_axes
 
 LAYOUTS = [NeuronLayout(axes=(0,)), NeuronLayout(axes=(1, 2)), NeuronLayout(axes=(0,), center=False)]
 
@@ -112,6 +113,11 @@ def test_spectral_layer_plans_wraps_and_trains():
 
     r = check_model(SpectralConv(), (x,), steps=2, plan_inputs=(x,))
     assert r.status == "pass", r.error
+    # the axis check replays the einsum on complex values: the planned axes pass, a wrong one fails
+    assert verify_axes(model, plan, (x,), names=["w"])["w"].status == "ok"
+    wrong = nerofy.Plan.from_dict(plan.to_dict())
+    wrong.override("w", axis=0)
+    assert verify_axes(model, wrong, (x,), names=["w"])["w"].status == "fail"
 
     model, opt = nerofy.wrap(model, lr=0.02, plan=plan)
     assert model.w.dtype == torch.cfloat
