@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .layout import upcast
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, positional_inputs
 from .rewrite import wrap
 from .verify import verify_axes
 
@@ -79,6 +79,7 @@ def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 
     (module type, shape, axes) (``axes["sampled_out"]`` counts the rest), False none."""
     if verify not in (True, False, "sample"):
         raise ValueError(f"verify must be True, False or 'sample', got {verify!r}")
+    inputs = positional_inputs(model, inputs)  # a dict is keyword inputs
     r = CheckResult()
     if plan is None:
         t = time.perf_counter()

@@ -21,8 +21,10 @@ still gets Nero's per-row adaptive step, scaled by the table's mean row norm.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
@@ -236,6 +238,7 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
     if not any(p.requires_grad for p in params.values()):
         raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
     if example_inputs is not None:
+        example_inputs = positional_inputs(model, example_inputs)
         _check_inputs(model, example_inputs)
     tr = trace(model, example_inputs, frontends)
     entries, warnings = [], []
@@ -283,6 +286,41 @@ def _names(ns: list[str], n: int = 8) -> str:
 
 # torch's message when BatchNorm in training mode gets one value per channel (batch 1 after pooling)
 BN_SINGLE_VALUE = "more than 1 value per channel"
+
+
+def positional_inputs(model: nn.Module, example_inputs) -> tuple:
+    """Example inputs as the positional tuple of one call: a tuple/list is the positional inputs, a
+    mapping (a dict, a tokenizer's BatchEncoding) is keyword inputs, ``model(**example_inputs)``,
+    bound to ``forward``'s signature (omitted parameters take their defaults); anything else is the
+    one positional input. A forward that takes a dict positionally gets it as ``(batch,)``."""
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, Mapping):
+        return (example_inputs,)
+    sig = inspect.signature(model.forward)
+    params = list(sig.parameters.values())
+    kinds = {p.kind for p in params}
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    extra = [k for k in example_inputs if k not in named]
+    if extra:
+        kwonly = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
+        k = extra[0]
+        how = ("keyword-only" if k in kwonly else "it would go to **kwargs" if inspect.Parameter.VAR_KEYWORD in kinds
+               else "no such parameter")
+        raise ValueError(f"example_inputs key(s) {', '.join(map(repr, extra))} do not bind to a positional "
+                         f"parameter of {type(model).__name__}.forward{sig} ({k!r}: {how}); nerofy passes example "
+                         "inputs positionally, so give only forward's named positional parameters")
+    last = max((named.index(k) for k in example_inputs), default=-1)
+    out = []
+    for p in params[: last + 1]:
+        if p.name in example_inputs:
+            out.append(example_inputs[p.name])
+        elif p.default is not p.empty:
+            out.append(p.default)
+        else:
+            raise ValueError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward{sig} "
+                             "requires; add it to the dict")
+    return tuple(out)
 
 
 def _check_inputs(model: nn.Module, example_inputs) -> None:

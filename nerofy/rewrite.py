@@ -211,8 +211,9 @@ def plan(model: nn.Module, example_inputs=None, frontends=None) -> Plan:
     """The plan for ``model``: every trainable parameter's role, neuron axes, fan-in, centring,
     source op, frontend and reason. For a model wrapped by nerofy, the plan it was wrapped with.
 
-    ``example_inputs`` (a tensor or tuple) lets the frontends that run the model (shapes for fx,
-    the recorder, torch.export) see it; timm models supply their own. ``frontends`` restricts the
+    ``example_inputs`` (a tensor, a tuple of positional inputs, or a dict of keyword inputs such as
+    a tokenizer's output) lets the frontends that run the model (shapes for fx, the recorder,
+    torch.export) see it; timm models supply their own. ``frontends`` restricts the
     order tried (default: fx, record, export, modules)."""
     stored = wrapped_plan(model) if isinstance(model, nn.Module) else None
     if stored is not None:

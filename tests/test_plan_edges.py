@@ -414,3 +414,45 @@ def test_weights_stacked_in_forward_keep_their_own_neuron_axes():
         assert (p[f"vs.{i}"].role, p[f"vs.{i}"].axes) == ("neuron", (1,))  # the einsum contracts their dim 0
     r = check_model(StackedExperts(), (x,), steps=2, plan=p)
     assert r.status == "pass", r.error
+
+
+class KeywordForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(20, 8)
+        self.seg = nn.Embedding(2, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, *, scale=1.0):
+        h = self.tok(input_ids)
+        if token_type_ids is not None:
+            h = h + self.seg(token_type_ids)
+        if attention_mask is not None:
+            h = h * attention_mask.unsqueeze(-1)
+        return self.out(h) * scale
+
+
+def test_dict_example_inputs_are_keyword_inputs_bound_to_forward():
+    ids = torch.randint(0, 20, (2, 5))
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}  # attention_mask omitted: its default
+    p = make_plan(KeywordForward(), batch)
+    # reached by the trace: token_type_ids went to the right parameter (positionally, only the
+    # module rule would have placed it)
+    assert (p["seg.weight"].role, p["seg.weight"].frontend) == ("embedding", p.frontend)
+    assert (p["out.weight"].role, p["out.weight"].axes) == ("neuron", (0,))
+    p_pos = make_plan(KeywordForward(), (ids,))
+    assert p_pos["seg.weight"].frontend == "modules" and "not reached" in p_pos["seg.weight"].reason
+    r = check_model(KeywordForward(), batch, steps=2, plan_inputs=batch)
+    assert r.status == "pass", r.error
+    model, opt = nerofy.wrap(KeywordForward(), example_inputs=batch)
+    assert nerofy.is_wrapped(model) and model(**batch).shape == (2, 5, 3)
+
+
+@pytest.mark.parametrize("batch, match", [
+    ({"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.zeros(2)}, "'labels': no such parameter"),
+    ({"input_ids": torch.zeros(2, 5, dtype=torch.long), "scale": 2.0}, "'scale': keyword-only"),
+    ({"attention_mask": torch.ones(2, 5)}, "lacks 'input_ids'"),
+])
+def test_dict_example_inputs_that_do_not_bind_name_the_key(batch, match):
+    with pytest.raises(ValueError, match=match):
+        make_plan(KeywordForward(), batch)
