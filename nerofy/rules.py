@@ -86,7 +86,18 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "einsum": ("equation",),
     "grouped_mm": ("mat_a", "mat_b", "offs", "bias", "out_dtype"),
     "tensordot": ("a", "b", "dims"), "aten_tensordot": ("a", "b", "dims_a", "dims_b"),
+    "multi_head_attention_forward": ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight",
+                                     "in_proj_bias", "bias_k", "bias_v", "add_zero_attn", "dropout_p",
+                                     "out_proj_weight", "out_proj_bias", "training", "key_padding_mask",
+                                     "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+                                     "k_proj_weight", "v_proj_weight", "static_k", "static_v"),
 }
+# F.multi_head_attention_forward (nn.MultiheadAttention's functional form): projections are
+# (out, in) weights; bias_k/bias_v are learned key/value tokens appended to the sequence
+MHA_ARGS = {"in_proj_weight": "weight", "out_proj_weight": "weight", "q_proj_weight": "weight",
+            "k_proj_weight": "weight", "v_proj_weight": "weight", "in_proj_bias": "bias", "out_proj_bias": "bias",
+            "bias_k": "additive", "bias_v": "additive", "query": "additive", "key": "additive", "value": "additive",
+            "static_k": "additive", "static_v": "additive", "attn_mask": "additive"}
 
 # aten ops whose argument order differs from torch.nn.functional's: renamed by the export frontend
 ATEN_RENAMES = {"embedding": "aten_embedding", "batch_norm": "aten_batch_norm", "instance_norm": "aten_instance_norm",
@@ -348,6 +359,11 @@ def contraction(op: str, argname: str, shape: tuple[int, ...], bound: dict, oper
         return "gain"
     if op == "sdpa" and argname == "attn_mask":
         return "additive"
+    if op == "multi_head_attention_forward" and argname in MHA_ARGS:
+        kind = MHA_ARGS[argname]
+        if kind == "weight":
+            return Contraction(neuron=(0,), fan_in=(1,)) if len(shape) == 2 else None
+        return kind
     return None
 
 

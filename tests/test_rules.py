@@ -514,3 +514,32 @@ def test_module_rules_multihead_attention_and_rnns():
         w[6 * 0 + 2] += 1.0   # input gate row of unit 2
         moved = (lstm(x)[1][1] - base).abs() > 1e-6
     assert moved[..., 2].all() and moved.sum() == moved[..., 2].numel()
+
+
+class FunctionalMHA(nn.Module):
+    """F.multi_head_attention_forward with the module's parameters held by the user's own module:
+    a packed in-projection, learned key/value tokens (bias_k/bias_v) and an output projection."""
+
+    def __init__(self, e=16):
+        super().__init__()
+        self.in_w = nn.Parameter(torch.randn(3 * e, e) / 4)
+        self.in_b = nn.Parameter(torch.zeros(3 * e))
+        self.bias_k = nn.Parameter(torch.randn(1, 1, e))
+        self.bias_v = nn.Parameter(torch.randn(1, 1, e))
+        self.out_w = nn.Parameter(torch.randn(e, e) / 4)
+        self.out_b = nn.Parameter(torch.zeros(e))
+
+    def forward(self, x):  # (seq, batch, e)
+        return F.multi_head_attention_forward(x, x, x, x.shape[-1], 2, self.in_w, self.in_b, self.bias_k, self.bias_v,
+                                              False, 0.0, self.out_w, self.out_b, training=True,
+                                              need_weights=False)[0]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_functional_multi_head_attention(frontend):
+    model, x = FunctionalMHA(), torch.randn(5, 2, 16)
+    plan = make_plan(model, (x,), frontends=(frontend,))
+    assert plan.frontend == frontend
+    got = {e.name: (e.role, e.axes) for e in plan}
+    assert got == {"in_w": ("neuron", (0,)), "in_b": ("bias", None), "bias_k": ("additive", None),
+                   "bias_v": ("additive", None), "out_w": ("neuron", (0,)), "out_b": ("bias", None)}
