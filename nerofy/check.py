@@ -43,11 +43,12 @@ class CheckResult:
 
 
 def default_loss(out: Any) -> torch.Tensor:
-    """A loss from any output: mean square of every floating tensor in it."""
-    ts = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+    """A loss from any output: mean square (|t|^2 for complex) of every floating or complex tensor in it."""
+    ts = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+          and t.requires_grad]
     if not ts:
         raise RuntimeError("the model's output holds no floating tensor that requires grad")
-    return sum(t.float().square().mean() for t in ts)
+    return sum(upcast(t).abs().square().mean() for t in ts)
 
 
 def constraint_error(model: nn.Module, plan: Plan) -> float:

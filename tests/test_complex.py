@@ -148,3 +148,13 @@ def test_complex_fused_request_takes_the_reference_path_and_says_so(caplog):
 
     if _fused.available():  # the kernel is fp32-real only: the warning names the dtype it could not take
         assert any("complex64" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_complex_linear_network_checks_with_the_default_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16, dtype=torch.cfloat), nn.Linear(16, 4, dtype=torch.cfloat))
+    x = torch.randn(6, 8, dtype=torch.cfloat)
+    r = check_model(model, (x,), steps=4, plan_inputs=(x,))
+    assert r.status == "pass", r.error
+    assert r.axes == {"ok": 2, "fail": 0, "unverified": 0}
+    assert r.loss[-1] < r.loss[0]  # the default loss is |out|^2: complex outputs count
