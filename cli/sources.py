@@ -241,6 +241,8 @@ def _hf_specs() -> dict[str, ModelSpec]:
         specs.append((name, "encoder", mk(model, config, **dict(_TXT, **extra)), ids))
     for name, (model, config, kw, size) in _HF_VISION.items():
         specs.append((name, "vision", mk(model, config, **kw), pixels(size)))
+    for name, (task, model, config, kw, inp) in _HF_MORE.items():
+        specs.append((name, task, mk(model, config, **kw), inp))
     return {n: ModelSpec("transformers", n, task, f, inp) for n, task, f, inp in specs}
 
 
@@ -306,6 +308,115 @@ _HF_VISION = {  # name -> (model class, config class, config, image size)
     "resnet": ("ResNetModel", "ResNetConfig", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]), 32),
     "mobilevit": ("MobileViTModel", "MobileViTConfig", dict(image_size=32, hidden_sizes=[16, 24, 32],
                                                             neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]), 32),
+}
+
+
+def _ids_n(n: int):
+    return lambda b, g: (_ids(b, g, n),)
+
+
+def _seq2seq(b, g):  # (input_ids, attention_mask, decoder_input_ids)
+    return _ids(b, g), None, _ids(b, g, 6)
+
+
+def _randn(*shape):
+    return lambda b, g: (torch.randn(b, *shape, generator=g),)
+
+
+# Architectures with their own config fields or inputs:
+# name -> (task, model class, config class, config, inputs(batch, generator))
+_HF_MORE = {
+    # encoders: relative / sparse / local attention, hashing, convolutions, Fourier mixing
+    "xlnet": ("encoder", "XLNetModel", "XLNetConfig", dict(vocab_size=_VOCAB, d_model=_H, n_layer=2, n_head=2,
+                                                           d_inner=64), _ids_n(_SEQ)),
+    "reformer": ("encoder", "ReformerModel", "ReformerConfig",
+                 dict(vocab_size=_VOCAB, hidden_size=_H, num_attention_heads=2, attention_head_size=16,
+                      feed_forward_size=64, axial_pos_shape=(4, 4), axial_pos_embds_dim=(16, 16),
+                      max_position_embeddings=16, attn_layers=["local", "lsh"], local_attn_chunk_length=4,
+                      lsh_attn_chunk_length=4, num_buckets=2, is_decoder=False), _ids_n(16)),
+    "longformer": ("encoder", "LongformerModel", "LongformerConfig", dict(_TXT, attention_window=4, pad_token_id=0),
+                   _ids_n(16)),
+    "big_bird": ("encoder", "BigBirdModel", "BigBirdConfig", dict(_TXT, attention_type="original_full"), _ids_n(_SEQ)),
+    "funnel": ("encoder", "FunnelModel", "FunnelConfig", dict(vocab_size=_VOCAB, d_model=_H, n_head=2, d_head=16,
+                                                              d_inner=64, block_sizes=[1, 1]), _ids_n(_SEQ)),
+    "fnet": ("encoder", "FNetModel", "FNetConfig", dict(_TXT, use_tpu_fourier_optimizations=False), _ids_n(_SEQ)),
+    "canine": ("encoder", "CanineModel", "CanineConfig",
+               dict(hidden_size=_H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                    num_hash_buckets=64, num_hash_functions=2, local_transformer_stride=4, downsampling_rate=4),
+               _ids_n(16)),
+    "squeezebert": ("encoder", "SqueezeBertModel", "SqueezeBertConfig",
+                    dict(_TXT, embedding_size=_H, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2,
+                         intermediate_groups=4, output_groups=2), _ids_n(_SEQ)),
+    "mpnet": ("encoder", "MPNetModel", "MPNetConfig", _TXT, _ids_n(_SEQ)),
+    "convbert": ("encoder", "ConvBertModel", "ConvBertConfig", dict(_TXT, embedding_size=_H, head_ratio=2,
+                                                                    conv_kernel_size=3), _ids_n(_SEQ)),
+    "perceiver": ("encoder", "PerceiverModel", "PerceiverConfig",
+                  dict(num_latents=8, d_latents=_H, d_model=_H, num_blocks=1, num_self_attends_per_block=1,
+                       num_self_attention_heads=2, num_cross_attention_heads=1), _randn(10, _H)),
+    # decoders
+    "ctrl": ("decoder", "CTRLModel", "CTRLConfig", dict(vocab_size=_VOCAB, n_embd=_H, n_layer=2, n_head=2, dff=64,
+                                                        n_positions=64, use_cache=False), _ids_n(_SEQ)),
+    "xglm": ("decoder", "XGLMModel", "XGLMConfig", dict(vocab_size=_VOCAB, d_model=_H, num_layers=2, attention_heads=2,
+                                                        ffn_dim=64, max_position_embeddings=64, use_cache=False),
+             _ids_n(_SEQ)),
+    "codegen": ("decoder", "CodeGenModel", "CodeGenConfig", dict(vocab_size=_VOCAB, n_embd=_H, n_layer=2, n_head=2,
+                                                                 rotary_dim=8, n_positions=64, use_cache=False),
+                _ids_n(_SEQ)),
+    "gpt_neo": ("decoder", "GPTNeoModel", "GPTNeoConfig",
+                dict(vocab_size=_VOCAB, hidden_size=_H, num_layers=2, num_heads=2,
+                     attention_types=[[["global", "local"], 1]], window_size=4, max_position_embeddings=64,
+                     use_cache=False), _ids_n(_SEQ)),
+    "mamba2": ("decoder", "Mamba2Model", "Mamba2Config", dict(vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=2,
+                                                              num_heads=4, head_dim=16, state_size=8, n_groups=1,
+                                                              expand=2, chunk_size=4, use_cache=False), _ids_n(_SEQ)),
+    "falcon_mamba": ("decoder", "FalconMambaModel", "FalconMambaConfig",
+                     dict(vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=2, state_size=8, use_cache=False),
+                     _ids_n(_SEQ)),
+    "olmoe": ("decoder", "OlmoeModel", "OlmoeConfig", dict(_TXT, num_experts=4, num_experts_per_tok=2,
+                                                           use_cache=False), _ids_n(_SEQ)),
+    "phimoe": ("decoder", "PhimoeModel", "PhimoeConfig", dict(_TXT, num_key_value_heads=1, num_local_experts=4,
+                                                              num_experts_per_tok=2, use_cache=False), _ids_n(_SEQ)),
+    # encoder-decoders (a routed mixture of experts among them)
+    "switch_transformers": ("encoder-decoder", "SwitchTransformersModel", "SwitchTransformersConfig",
+                            dict(vocab_size=_VOCAB, d_model=_H, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                 num_heads=2, num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1,
+                                 decoder_start_token_id=0, use_cache=False), _seq2seq),
+    "pegasus": ("encoder-decoder", "PegasusModel", "PegasusConfig",
+                dict(vocab_size=_VOCAB, d_model=_H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                     use_cache=False), _seq2seq),
+    "mt5": ("encoder-decoder", "MT5Model", "MT5Config", dict(vocab_size=_VOCAB, d_model=_H, d_kv=16, d_ff=64,
+                                                             num_layers=1, num_heads=2, decoder_start_token_id=0,
+                                                             use_cache=False), _seq2seq),
+    "longt5": ("encoder-decoder", "LongT5Model", "LongT5Config",
+               dict(vocab_size=_VOCAB, d_model=_H, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                    encoder_attention_type="transient-global", local_radius=2, global_block_size=4,
+                    decoder_start_token_id=0, use_cache=False), _seq2seq),
+    # vision, video, speech, time series, text + image
+    "levit": ("vision", "LevitModel", "LevitConfig", dict(image_size=64, hidden_sizes=[16, 24, 32],
+                                                          num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
+                                                          key_dim=[8, 8, 8]), _randn(3, 64, 64)),
+    "detr": ("vision", "DetrModel", "DetrConfig",
+             dict(use_timm_backbone=False, use_pretrained_backbone=False,
+                  backbone_config=dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       out_features=["stage2"]),
+                  d_model=_H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                  encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5), _randn(3, 64, 64)),
+    "timesformer": ("video", "TimesformerModel", "TimesformerConfig",
+                    dict(image_size=32, patch_size=8, num_frames=2, hidden_size=_H, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=64), _randn(2, 3, 32, 32)),
+    "hubert": ("speech", "HubertModel", "HubertConfig",
+               dict(hidden_size=_H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                    conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                    num_conv_pos_embedding_groups=2), _randn(1600)),
+    "patchtst": ("time-series", "PatchTSTModel", "PatchTSTConfig",
+                 dict(num_input_channels=3, context_length=32, patch_length=4, patch_stride=4, d_model=_H,
+                      num_hidden_layers=1, num_attention_heads=2, ffn_dim=64), _randn(32, 3)),
+    "clip": ("multimodal", "CLIPModel", "CLIPConfig",
+             dict(text_config=dict(_TXT, vocab_size=_VOCAB),
+                  vision_config=dict(hidden_size=_H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     image_size=32, patch_size=8), projection_dim=16),
+             lambda b, g: (_ids(b, g), torch.randn(b, 3, 32, 32, generator=g))),
 }
 
 

@@ -1,6 +1,7 @@
 """Models beyond timm (issue item 5): every torchvision model (classification, detection,
 segmentation, video, optical flow, quantization-ready; weights=None) and Hugging Face transformers
-built from configs (encoder, decoder, mixture of experts, encoder-decoder, vision transformer, speech), through the factories of cli/sources.py (the ones
+built from configs (encoder, decoder, mixture of experts, encoder-decoder, vision, video, speech, time
+series, text + image), through the factories of cli/sources.py (the ones
 ``nerofy zoo --source torchvision|transformers`` runs) and nerofy.check.check_model (plan, neuron
 axes verified on the plain model, wrap, forward, backward, Nero steps, constraint).
 
@@ -53,7 +54,8 @@ SLOW_TV = ["mobilenet_v3_small", "vit_b_32", "swin_t", "convnext_tiny", "efficie
            "raft_small", "swin3d_t", "s3d", "quantized_shufflenet_v2_x0_5"]
 FAST_HF = ["bert", "gpt2", "t5", "vit", "wav2vec2", "mixtral"]
 SLOW_HF = ["roberta", "distilbert", "llama", "bart", "whisper", "mistral", "deepseek_v3", "qwen3_moe", "mamba", "rwkv",
-           "deberta_v2", "swin", "mobilevit"]
+           "deberta_v2", "swin", "mobilevit", "xlnet", "reformer", "fnet", "mamba2", "switch_transformers", "detr",
+           "patchtst", "clip"]
 
 
 def test_sources_list_and_lookup():
@@ -62,7 +64,9 @@ def test_sources_list_and_lookup():
     assert sorted(tv) == sorted(torchvision.models.list_models())  # every torchvision model
     assert {S.get("torchvision", n).task for n in tv} == {"classification", "detection", "segmentation", "video",
                                                           "optical_flow", "quantizable"}
-    assert {S.get("transformers", n).task for n in hf} == {"encoder", "decoder", "encoder-decoder", "vision", "speech"}
+    assert {S.get("transformers", n).task for n in hf} == {"encoder", "decoder", "encoder-decoder", "vision", "speech",
+                                                           "video", "time-series", "multimodal"}
+    assert len(hf) == 83
     assert S.get("torchvision", "torchvision:resnet18").name == "resnet18"
     with pytest.raises(KeyError, match="resnet18"):
         S.get("torchvision", "resnet81")
