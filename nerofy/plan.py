@@ -309,7 +309,8 @@ def positional_inputs(model: nn.Module, example_inputs) -> tuple:
                else "no such parameter")
         raise ValueError(f"example_inputs key(s) {', '.join(map(repr, extra))} do not bind to a positional "
                          f"parameter of {type(model).__name__}.forward{sig} ({k!r}: {how}); nerofy passes example "
-                         "inputs positionally, so give only forward's named positional parameters")
+                         "inputs positionally, so give only forward's named positional parameters (a forward "
+                         "that takes the dict itself gets it as (batch,))")
     last = max((named.index(k) for k in example_inputs), default=-1)
     out = []
     for p in params[: last + 1]:
