@@ -303,7 +303,10 @@ class Analyzer:
             small = _broadcast_smaller(a.shape, b.shape)
             if small is not None:
                 g, w = (a, b) if small == 0 else (b, a)
-                self.emit(g, "gain", op, "multiplies another parameter by broadcasting")
+                if not set(g.origins) <= set(w.origins):
+                    self.emit(g, "gain", op, "multiplies another parameter by broadcasting")
+                # else a parameter scaled by a statistic of itself (W / sigma(W), W / ||W||): a
+                # reparametrization of W, not a second use
                 return self._elementwise([w], out_shape)
         return self._elementwise(ds, out_shape)
 

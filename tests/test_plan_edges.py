@@ -456,3 +456,22 @@ def test_dict_example_inputs_are_keyword_inputs_bound_to_forward():
 def test_dict_example_inputs_that_do_not_bind_name_the_key(batch, match):
     with pytest.raises(ValueError, match=match):
         make_plan(KeywordForward(), batch)
+
+
+class HandNormalized(nn.Module):
+    """A weight divided by a statistic of itself (hand-written weight normalization, cosine layers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8))
+        self.g = nn.Parameter(torch.ones(6, 1))
+
+    def forward(self, x):
+        return F.linear(x, self.g * self.w / self.w.norm(dim=1, keepdim=True))
+
+
+def test_weight_scaled_by_a_statistic_of_itself_is_one_neuron_use_without_warnings():
+    p = make_plan(HandNormalized(), (torch.randn(3, 8),))
+    assert (p["w"].role, p["w"].axes) == ("neuron", (0,))
+    assert p["g"].role == "gain"  # a different parameter broadcast onto w still is a gain
+    assert not any(w.startswith("w:") for w in p.warnings), p.warnings
