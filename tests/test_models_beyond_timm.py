@@ -129,6 +129,6 @@ def test_check_job_row_fields(monkeypatch):
         assert k in row
     big = S.check_job("torchvision", "vit_h_14", max_params=1_000_000)
     assert big["status"] == "skipped_size" and big["total_params"] > 1_000_000
-    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "2000")  # 630M fp32 weights and gradients alone need 4.7 GB
+    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "2000")  # 630M parameters need at least 7.6 GB
     big = S.check_job("torchvision", "vit_h_14", max_params=None)
     assert big["status"] == "oom" and big["error"].startswith("not run: needs at least") and "2.0 GB memory guard" in big["error"]

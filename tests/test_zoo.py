@@ -177,9 +177,10 @@ def test_check_job_with_grad_checkpointing_computes_the_same_steps():
 
 
 def test_check_job_never_runs_what_cannot_fit(monkeypatch):
-    n = 2**30  # 8 GiB of fp32 weights and gradients
-    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "9000")
-    assert J.cannot_fit(n, 100.0) is None and "> the 8.8 GB memory guard" in J.cannot_fit(n, 900.0)
+    n = 2**30  # 13 GiB at FLOOR_BYTES per parameter
+    assert J.FLOOR_BYTES == 13
+    monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "14000")
+    assert J.cannot_fit(n, 100.0) is None and "> the 13.7 GB memory guard" in J.cannot_fit(n, 900.0)
     monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "0")  # no guard: nothing is predicted
     assert J.cannot_fit(n, 900.0) is None
     monkeypatch.setenv("NEROFY_WORKER_MAX_MB", "1")
