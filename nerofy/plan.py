@@ -297,7 +297,11 @@ def positional_inputs(model: nn.Module, example_inputs) -> tuple:
         return tuple(example_inputs)
     if not isinstance(example_inputs, Mapping):
         return (example_inputs,)
-    sig = inspect.signature(model.forward)
+    inner = model
+    while isinstance(getattr(inner, "_orig_mod", None), nn.Module) or (  # torch.compile, (Distributed)DataParallel
+            isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel))):
+        inner = getattr(inner, "_orig_mod", None) or inner.module
+    sig = inspect.signature(inner.forward)
     params = list(sig.parameters.values())
     kinds = {p.kind for p in params}
     named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]

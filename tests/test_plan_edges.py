@@ -475,3 +475,14 @@ def test_weight_scaled_by_a_statistic_of_itself_is_one_neuron_use_without_warnin
     assert (p["w"].role, p["w"].axes) == ("neuron", (0,))
     assert p["g"].role == "gain"  # a different parameter broadcast onto w still is a gain
     assert not any(w.startswith("w:") for w in p.warnings), p.warnings
+
+
+def test_dict_example_inputs_bind_through_compile_and_data_parallel_wrappers():
+    ids = torch.randint(0, 20, (2, 5))
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}
+    from nerofy.plan import positional_inputs
+
+    want = (ids, None, batch["token_type_ids"])
+    for wrapped in (nn.DataParallel(KeywordForward()), torch.compile(KeywordForward())):
+        got = positional_inputs(wrapped, batch)
+        assert len(got) == 3 and got[0] is ids and got[1] is None and got[2] is want[2]
