@@ -15,8 +15,8 @@ done
 nerofy zoo --resume --retry skipped_size,oom --order size --max-params 0 --batch 1 --verify-sample \
   --out model_zoo_checks/check.jsonl --jobs 1 --threads 2 --max-mem "${BIG_MEM:-21000}" \
   --timeout "${BIG_TIMEOUT:-1800}" --steps 3 || exit $?
-# last, the models whose activations did not fit: again with gradient checkpointing (those whose
-# weights and gradients alone exceed the guard stay 'oom', not run)
+# last, the models whose activations did not fit: again with gradient checkpointing (those that
+# need more than the guard at 13 bytes a parameter, the least measured, stay 'oom', not run)
 nerofy zoo --resume --retry oom --order size --max-params 0 --batch 1 --verify-sample --grad-checkpointing \
   --out model_zoo_checks/check.jsonl --jobs 1 --threads 2 --max-mem "${BIG_MEM:-21000}" \
   --timeout "${BIG_TIMEOUT:-1800}" --steps 3 || exit $?
