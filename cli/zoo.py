@@ -346,6 +346,11 @@ class Pool:
 
         task = w.task or {}
         row = base_row(task.get("name", "?"), task.get("mode", "check"))
+        if task.get("grad_checkpointing"):  # say how the killed run was set up: the retry's own settings
+            row["grad_checkpointing"] = True
+            error += " (with gradient checkpointing)"
+        if task.get("mode", "check") == "check" and task.get("batch"):
+            row["batch"] = task["batch"]
         row["status"], row["error"] = status, error[:400]
         row["total_params"] = w.info.get("total_params", 0)
         row["stage"] = w.stage

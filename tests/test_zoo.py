@@ -208,6 +208,7 @@ def test_zoo_isolates_timeouts_crashes_oom_and_resumes(tmp_path, zoo_models):
                    "broken": "fail_forward"}, {n: r["error"] for n, r in rows.items()}
     assert "worker died (exit code 3) during create" in rows[f"{m}:crash"]["error"]
     assert "memory guard" in rows[f"{m}:hog"]["error"] and rows[f"{m}:hog"]["peak_rss_mb"] > 1500
+    assert rows[f"{m}:hog"]["batch"] == 2  # a killed worker's row still says how it was run
     assert rows[f"{m}:hang"]["times"]["total"] >= 30
     # resume: nothing left to do; an existing file without --resume is an error
     res = runner.invoke(app, ["zoo", *names, "--out", str(out), "--resume"])
@@ -333,3 +334,16 @@ def test_batch_1_falls_back_to_batch_2_only_for_batchnorm_on_single_values(zoo_m
     assert row["status"] == "pass" and row["batch"] == 1 and "note" not in row
     row = J.check_job(f"{m}:broken", batch=1, max_params=None, steps=1)
     assert row["status"] == "fail_forward" and row["batch"] == 1
+
+
+def test_a_killed_gradient_checkpointing_run_says_so():
+    import types
+
+    from nerofy_cli import zoo as Z
+
+    w = types.SimpleNamespace(task={"name": "big_vit", "mode": "check", "batch": 1, "grad_checkpointing": True},
+                              info={"total_params": 10}, stage="check", started=time.monotonic(), peak_kb=0,
+                              proc=types.SimpleNamespace(pid=os.getpid()))
+    row = Z.Pool._parent_row(None, w, "oom", "worker RSS 21002 MB > memory guard 21000 MB during check")
+    assert row["status"] == "oom" and row["grad_checkpointing"] is True and row["batch"] == 1
+    assert row["error"].endswith("during check (with gradient checkpointing)")
