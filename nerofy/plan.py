@@ -298,9 +298,13 @@ def positional_inputs(model: nn.Module, example_inputs) -> tuple:
     if not isinstance(example_inputs, Mapping):
         return (example_inputs,)
     inner = model
-    while isinstance(getattr(inner, "_orig_mod", None), nn.Module) or (  # torch.compile, (Distributed)DataParallel
-            isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel))):
-        inner = getattr(inner, "_orig_mod", None) or inner.module
+    while True:  # the module whose forward takes the inputs: through torch.compile, (Distributed)DataParallel
+        if isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod
+        elif isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = inner.module
+        else:
+            break
     sig = inspect.signature(inner.forward)
     params = list(sig.parameters.values())
     kinds = {p.kind for p in params}
