@@ -332,14 +332,10 @@ class Analyzer:
                 self.emit(d, "free", "stack", "stacked by stack with unknown shapes")
             return self._plain(out_shape, False)
         k = dim % nd
-        origins, removed = {}, {}
-        for d in ds:
-            moved = {p: tuple(org[:k]) + (frozenset(),) + tuple(org[k:]) for p, org in d.origins.items()}
-            origins = _merge(origins, moved)
-            for p, r in d.removed.items():
-                removed[p] = removed.get(p, frozenset()) | r
-        shape = tuple(out_shape) if isinstance(out_shape, tuple) else None
-        return Derived(shape, origins, removed)
+        shape = tuple(ds[0].shape[:k]) + (len(ds),) + tuple(ds[0].shape[k:])
+        moved = [Derived(shape, {p: tuple(org[:k]) + (frozenset(),) + tuple(org[k:]) for p, org in d.origins.items()},
+                         d.removed) for d in ds]
+        return self._elementwise(moved, out_shape if isinstance(out_shape, tuple) else shape)
 
     def _reduce(self, d: Derived, args, kwargs, out_shape):
         if d.shape is None:

@@ -537,28 +537,25 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                 if n and inputs is not None and "record" in frontends[frontends.index("fx") + 1:]:
                     # the graph traced but does not run (fx baked in a branch the inputs do not
                     # take): the recorder follows the real Python forward instead
+                    ran = Analyzer("record", shapes)
                     try:
-                        ran = Analyzer("record", shapes)
                         record(meta, inputs, {}, ran, names, skip=opaque)
-                        out.attempts.append(("fx", "traced, but the graph did not run on meta: " + n[0][4:]))
-                        out.attempts.append(("record", "ok"))
-                        out.frontend, an = "record", ran
-                        break
                     except Exception as e:
+                        ran = None
                         if example_inputs is not None and meta is not model:
                             # meta cannot run it either (a tensor made on the CPU inside forward,
                             # .item()): one real forward with the user's inputs has every shape
                             try:
-                                an = _record_real(model, example_inputs, shapes)
-                                out.attempts.append(("fx", "traced, but the graph did not run on meta: " + n[0][4:]))
-                                out.attempts.append(("record", "ok"))
-                                notes.append(f"record: meta forward failed ({type(e).__name__}: {_short(e, 80)}); "
-                                             "recorded one real forward instead")
-                                out.frontend = "record"
-                                break
+                                ran = _record_real(model, example_inputs, shapes, e, notes)
                             except Exception as e2:
                                 e = e2
-                        n.append(f"record after fx: {type(e).__name__}: {_short(e, 80)}")
+                        if ran is None:
+                            n.append(f"record after fx: {type(e).__name__}: {_short(e, 80)}")
+                    if ran is not None:
+                        out.attempts.append(("fx", "traced, but the graph did not run on meta: " + n[0][4:]))
+                        out.attempts.append(("record", "ok"))
+                        out.frontend, an = "record", ran
+                        break
                 notes += n
             elif f == "record":
                 if inputs is None:
@@ -572,9 +569,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                         raise
                     # meta tensors cannot answer value questions (.item(), data-dependent shapes):
                     # one real forward instead, with the user's inputs
-                    notes.append(f"record: meta forward failed ({type(e).__name__}: {_short(e, 80)}); "
-                                 "recorded one real forward instead")
-                    an = _record_real(model, example_inputs, shapes)
+                    an = _record_real(model, example_inputs, shapes, e, notes)
             elif f == "export":
                 if inputs is None:
                     out.attempts.append((f, "skipped: no example inputs"))
@@ -609,12 +604,15 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
     return out
 
 
-def _record_real(model: nn.Module, example_inputs, shapes: dict) -> Analyzer:
-    """The recorder over one real forward of ``model`` with the user's inputs."""
+def _record_real(model: nn.Module, example_inputs, shapes: dict, why: Exception, notes: list[str]) -> Analyzer:
+    """The recorder over one real forward of ``model`` with the user's inputs, after the meta
+    forward failed with ``why`` (noted, with the fallback, when it succeeds)."""
     rnames, _ = param_table(model)
     an = Analyzer("record", shapes)
     real_in = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
     record(model, real_in, {}, an, rnames, skip=_opaque_params(model, rnames))
+    notes.append(f"record: meta forward failed ({type(why).__name__}: {_short(why, 80)}); "
+                 "recorded one real forward instead")
     return an
 
 
