@@ -12,11 +12,12 @@ function-mode recorder and torch.export all share it, so a rule is written once.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 
+from . import gains as G
 from . import rules as R
 
 Origins = tuple[frozenset, ...]  # per tensor dim: the parameter dims feeding it
@@ -33,6 +34,14 @@ class Derived:
 @dataclass
 class Act:
     shape: tuple[int, ...] | None = None
+    # what the signal is, for the gains and table rules (see gains.py): the activation function that
+    # produced it (or gains.SIMILARITY for a product of two activations: attention logits)
+    signal: Any = None
+    # the dim (negative: from the end) holding the neurons of the contraction that produced it: the
+    # feature dim, followed through views
+    feature: int | None = None
+    # lookup tables whose rows these are, unchanged since the lookup
+    tables: frozenset = frozenset()
 
 
 @dataclass
@@ -53,6 +62,9 @@ class Finding:
     where: str = ""
     frontend: str = ""
     reason: str = ""
+    signal: Any = None  # neuron uses: the activation that produced the op's data input (gains.Signal)
+    vector_axis: int | None = None  # table uses: the parameter dim added along the activation's feature dim
+    meets: str = ""  # table uses: "logits" when added to attention logits (a logit bias, not feature vectors)
 
 
 def _shape(v) -> tuple[int, ...] | None:
@@ -103,19 +115,34 @@ class Analyzer:
         shape = tuple(self.param_shapes[name])
         return Derived(shape, {name: tuple(frozenset([d]) for d in range(len(shape)))}, {name: frozenset()})
 
-    def emit(self, d: Derived, role: str, op: str, reason: str = "", rule: R.Contraction | None = None) -> None:
+    def emit(self, d: Derived, role: str, op: str, reason: str = "", rule: R.Contraction | None = None,
+             signal: Any = None, feature: int | None = None, meets: str = "") -> None:
+        """One finding per parameter in ``d``. ``signal``: the activation feeding a contraction's
+        data input; ``feature``: the feature dim (negative) of the activation a table is added to;
+        ``meets``: "logits" when that activation is attention logits."""
         for p, org in d.origins.items():
             g = d.gathered.get(p)
             if g and role in ("gain", "bias", "additive"):
                 # rows picked by data and then used as data: an embedding lookup written as indexing
                 self.findings.append(Finding(p, "embedding", tuple(sorted(g)), op=op, where=self.where,
-                                             frontend=self.frontend,
+                                             frontend=self.frontend, meets=meets,
                                              reason=f"rows selected by an index from inputs, then {reason}"))
                 continue
-            f = Finding(p, role, op=op, where=self.where, frontend=self.frontend, reason=reason)
+            f = Finding(p, role, op=op, where=self.where, frontend=self.frontend, reason=reason, meets=meets)
             if rule is not None and role in ("neuron", "embedding"):
                 f = self._map_contraction(p, org, d.removed.get(p, frozenset()), rule, f, d.shape)
+                if f.role == "neuron":
+                    f.signal = signal
+            if role == "additive" and feature is not None and -len(org) <= feature < 0 and len(org[feature]) == 1:
+                f.vector_axis = next(iter(org[feature]))
             self.findings.append(f)
+
+    def mark_logit_tables(self, acts: list[Act]) -> None:
+        """Looked-up rows added to attention logits: those tables are logit biases."""
+        for a in acts:
+            for p in sorted(a.tables):
+                self.findings.append(Finding(p, "embedding", (0,), op="add", where=self.where, frontend=self.frontend,
+                                             reason="looked-up rows added to attention logits", meets="logits"))
 
     def _map_contraction(self, p, org, removed, rule: R.Contraction, f: Finding, used_shape=None) -> Finding:
         shape = self.param_shapes[p]
@@ -177,7 +204,7 @@ class Analyzer:
         derived = [v for v in flat if isinstance(v, Derived)]
         has_act = any(isinstance(v, Act) for v in flat)
         if not derived:
-            return self._plain(out_shape, has_act)
+            return self._act_flow(op, args, kwargs, out_shape, [v for v in flat if isinstance(v, Act)])
         if out_shape is None and fn is not None:
             out_shape = _meta_shape(fn, args, kwargs)
 
@@ -188,6 +215,9 @@ class Analyzer:
         operands = list(args[1:]) if op == "einsum" else None
         if op == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
             operands = list(args[1])
+        data = [v for v in bound.values() if isinstance(v, Act)]
+        data_signal = data[0].signal if len(data) == 1 else None
+        out_feature = None  # the feature dim of a contraction's output
         for name, val in list(bound.items()) if op != "einsum" else []:
             if isinstance(val, Derived):
                 rule = R.contraction(op, name, val.shape or (), bound)
@@ -197,9 +227,11 @@ class Analyzer:
                 if rule == "passthrough":
                     passthrough = val
                 elif isinstance(rule, R.Contraction):
-                    self._contract(val, rule, op, name)
+                    self._contract(val, rule, op, name, data_signal)
+                    out_feature = R.output_feature(op, name, len(val.shape or ()))
                 else:
-                    self.emit(val, rule, op, f"{name} of {op}")
+                    meets = "logits" if op == "sdpa" and name == "attn_mask" else ""
+                    self.emit(val, rule, op, f"{name} of {op}", meets=meets)
         if op == "einsum" and operands:
             ruled = True
             data = {i for i, v in enumerate(operands) if isinstance(v, Act)}
@@ -215,7 +247,14 @@ class Analyzer:
         if ruled:
             if passthrough is not None:
                 return self._elementwise([passthrough], out_shape or passthrough.shape)
-            return self._plain(out_shape, True)
+            if op in R.NORMS and isinstance(bound.get("input"), Act):
+                return Act(out_shape, feature=bound["input"].feature)  # a norm keeps the feature dim
+            if op in R.EMBEDDINGS:
+                tables = frozenset(p for v in bound.values() if isinstance(v, Derived) for p in v.origins)
+                return Act(out_shape, feature=-1, tables=tables)
+            if op == "sdpa":
+                self.mark_logit_tables([v for k, v in bound.items() if k == "attn_mask" and isinstance(v, Act)])
+            return Act(out_shape, feature=out_feature) if not isinstance(out_shape, list) else self._plain(out_shape, True)
 
         # views
         if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SELECTS | R.SPLITS | R.IDENTITY:
@@ -246,13 +285,20 @@ class Analyzer:
         # elementwise maths
         if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY | R.CONCATS:
             if has_act:
+                acts = [v for v in flat if isinstance(v, Act)]
+                logits = any(a.signal == G.SIMILARITY for a in acts)
+                feature = _common_feature(acts)
                 for i, val in enumerate(args):
                     for v in _flat(val):
                         if isinstance(v, Derived):
                             role_op = op
                             if op in ("addcmul", "addcdiv") and i > 0:
                                 role_op = "addcmul_factor"
-                            self.emit(v, R.affine_role(role_op, v.shape or ()), op, f"{op} with activations")
+                            self.emit(v, R.affine_role(role_op, v.shape or ()), op, f"{op} with activations",
+                                      feature=None if logits else feature, meets="logits" if logits else "")
+                if op in R.ADDITIVE_OPS | R.CONCATS and not isinstance(out_shape, list):
+                    # adding a bias/table keeps what the activation is (logits stay logits, features features)
+                    return Act(out_shape, G.SIMILARITY if logits else None, None if logits else feature)
                 return self._plain(out_shape, True)
             if op in R.CONCATS:
                 return self._concat(op, derived, args, kwargs, out_shape)
@@ -279,12 +325,77 @@ class Analyzer:
             return [Act(s) if act else Const(s) for s in out_shape]
         return Act(out_shape) if act else Const(out_shape)
 
-    def _contract(self, val: Derived, rule: R.Contraction, op: str, argname: str):
+    def _contract(self, val: Derived, rule: R.Contraction, op: str, argname: str, signal: Any = None):
         if argname == R.DATA_SLOT.get(op):
             # a parameter fed where data goes: a learned input (queries, latents), not weights
             self.emit(val, "additive", op, f"fed to {op} as its input (a learned input, not a weight)")
             return
-        self.emit(val, rule.role, op, f"{argname} of {op}", rule)
+        self.emit(val, rule.role, op, f"{argname} of {op}", rule, signal=signal)
+
+    # ---- activations: what kind of signal flows (for gains and tables) ------------------------
+    def _act_flow(self, op: str, args: tuple, kwargs: dict, out_shape, acts: list[Act]):
+        """The output of an op on activations and constants only, with its signal tags."""
+        if not acts:
+            return self._plain(out_shape, False)
+        first = args[0] if args and isinstance(args[0], Act) else None
+        if op == "sdpa":  # its attn_mask is added to the logits inside
+            self.mark_logit_tables([v for k, v in R.bind(op, args, kwargs).items()
+                                    if k == "attn_mask" and isinstance(v, Act)])
+            return Act(out_shape)
+        if isinstance(out_shape, list) or first is None:
+            if op in R.PAIR_PRODUCTS and len(acts) >= 2 and not isinstance(out_shape, list):
+                return self._pair_product(acts, out_shape)
+            if isinstance(out_shape, list) and first is not None and op in R.SPLITS:
+                return [self._view_act(op, first, args, kwargs, s) for s in out_shape]
+            if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY and not isinstance(out_shape, list):
+                # where(mask, rows, fill): the activation is not the first argument
+                return Act(out_shape, feature=_common_feature(acts), tables=frozenset().union(*(a.tables for a in acts)))
+            return self._plain(out_shape, True)
+        sig = G.activation_signal(op, args, kwargs)
+        if sig is not None:
+            return Act(out_shape, sig, first.feature)
+        if op in G.PRESERVING:
+            return replace(first, shape=out_shape if out_shape is not None else first.shape)
+        if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SPLITS or (op in R.SELECTS and not _index_is_act(args, kwargs)):
+            return self._view_act(op, first, args, kwargs, out_shape)
+        if op in R.PAIR_PRODUCTS and len(acts) >= 2:
+            return self._pair_product(acts, out_shape)
+        if op in ("softmax", "log_softmax", "softmin"):
+            return Act(out_shape, G.PROBS)
+        if op in R.NORMS:
+            return Act(out_shape, feature=first.feature)
+        if len(acts) == 1 and first.signal == G.SIMILARITY and op in R.LOGIT_PRESERVING:
+            return Act(out_shape, G.SIMILARITY)  # scaled or masked logits are still logits
+        if op in R.ADDITIVE_OPS and len(acts) == 2:
+            logits = [a for a in acts if a.signal == G.SIMILARITY]
+            if logits:
+                self.mark_logit_tables([a for a in acts if a.signal != G.SIMILARITY])
+                return Act(out_shape, G.SIMILARITY)
+        if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY | R.CONCATS:
+            # looked-up rows masked, scaled or shifted are still those rows (they matter only if
+            # they reach attention logits)
+            return Act(out_shape, feature=_common_feature(acts), tables=frozenset().union(*(a.tables for a in acts)))
+        return Act(out_shape)
+
+    @staticmethod
+    def _pair_product(acts: list[Act], out_shape) -> Act:
+        """q @ k^T of two activations is a similarity (attention logits); probabilities @ v are
+        features again."""
+        return Act(out_shape) if any(a.signal == G.PROBS for a in acts) else Act(out_shape, G.SIMILARITY)
+
+    def _view_act(self, op, src: Act, args, kwargs, out_shape) -> Act:
+        """A view of an activation: its signal and tables stay; its feature dim moves with the view."""
+        feature = None
+        if src.feature is not None and src.shape is not None and -len(src.shape) <= src.feature < 0:
+            nd = len(src.shape)
+            k = nd + src.feature
+            probe = Derived(tuple(src.shape), {"#": tuple(frozenset([0]) if i == k else frozenset() for i in range(nd))})
+            new = _map_view(op, probe, probe.shape, out_shape if isinstance(out_shape, tuple) else None, args, kwargs)
+            if isinstance(new, Derived) and "#" in new.origins:
+                hits = [j for j, o in enumerate(new.origins["#"]) if o == frozenset([0])]
+                if len(hits) == 1:
+                    feature = hits[0] - len(new.origins["#"])
+        return Act(out_shape, src.signal, feature, src.tables)
 
     def _elementwise(self, ds: list[Derived], out_shape) -> Derived | Act:
         nd = len(out_shape) if out_shape is not None else max(len(d.shape or ()) for d in ds)
@@ -367,6 +478,12 @@ class Analyzer:
             self.emit(src, "free", op, f"could not follow dims through '{op}' (shapes unknown)")
             return Const(outs)
         return new
+
+
+def _common_feature(acts: list[Act]) -> int | None:
+    """The feature dim the activations agree on (those that have one), else None."""
+    fs = {a.feature for a in acts if a.feature is not None}
+    return fs.pop() if len(fs) == 1 else None
 
 
 def _broadcast_smaller(a, b) -> int | None:

@@ -23,17 +23,34 @@ log = logging.getLogger("nerofy")
 DEAD_NORM = 1e-12
 
 
-class Balanced(nn.Module):
-    """Parametrization ``V -> scale * normalize(center(V))`` along a :class:`NeuronLayout`."""
+GRAD_MODES = ("paper", "projected")
 
-    def __init__(self, layout: NeuronLayout, scale: float = 1.0):
+
+class Balanced(nn.Module):
+    """Parametrization ``V -> scale * normalize(center(V))`` along a :class:`NeuronLayout`.
+
+    ``grad`` says what backward hands the stored tensor ``V``:
+
+    * ``"projected"``: the true gradient of the loss with respect to ``V``, the weight gradient
+      ``g`` projected onto the balanced set's tangent space (its radial and mean parts removed).
+    * ``"paper"``: ``g`` itself (times ``scale / ||center(V)||``), as Nero receives it in the paper,
+      where the network uses the balanced weights directly. Nero then normalises by the full
+      ``||g||`` and re-projects after its step, which is the paper's update exactly. It is linear
+      in ``g``, so gradient accumulation, DDP/FSDP all-reduces, AMP scaling and clipping act on it
+      as on any gradient. It is not ``dL/dV``: with another optimizer, use ``"projected"``.
+    """
+
+    def __init__(self, layout: NeuronLayout, scale: float = 1.0, grad: str = "projected"):
         super().__init__()
         if layout.elementwise or not layout.constrained:
             raise ValueError(f"Balanced needs a constrained neuron layout, got {layout}")
+        if grad not in GRAD_MODES:
+            raise ValueError(f"unknown grad mode {grad!r}; choose from {', '.join(GRAD_MODES)}")
         self.layout = layout
         # a fixed per-layer gain (1 = the paper's unit norm). A Python float saved as extra state:
         # checkpoints keep it, and meta -> to_empty() cannot leave it uninitialised as a buffer.
         self.scale = float(scale)
+        self.grad = grad  # a training choice, like the optimizer's: not saved in checkpoints
 
     def get_extra_state(self):
         return {"scale": self.scale}
@@ -45,7 +62,7 @@ class Balanced(nn.Module):
         if not self.layout.normalize:
             w = self.layout.project(v)
             return w * self.scale if self.scale != 1.0 else w
-        return _BalancedFn.apply(v, self.layout, self.scale)
+        return _BalancedFn.apply(v, self.layout, self.scale, self.grad == "paper")
 
     @torch.no_grad()
     def right_inverse(self, w: Tensor) -> Tensor:
@@ -58,7 +75,7 @@ class Balanced(nn.Module):
         return v
 
     def extra_repr(self) -> str:
-        return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}"
+        return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}, grad={self.grad}"
 
 
 class _BalancedFn(torch.autograd.Function):
@@ -71,7 +88,7 @@ class _BalancedFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, v: Tensor, layout: NeuronLayout, scale: float) -> Tensor:
+    def forward(ctx, v: Tensor, layout: NeuronLayout, scale: float, raw: bool = False) -> Tensor:
         view, dims = layout.neuron_view(v)
         c = view - view.mean(dim=dims, keepdim=True) if layout.center else view.clone()
         norm = torch.linalg.vector_norm(c, dim=dims, keepdim=True, dtype=_acc(c.dtype)).clamp_min_(1e-12)
@@ -82,7 +99,7 @@ class _BalancedFn(torch.autograd.Function):
             c = (c.to(_acc(c.dtype)) * r).to(v.dtype)
         w = c.reshape(v.shape)
         ctx.save_for_backward(w, norm)
-        ctx.layout, ctx.scale = layout, scale
+        ctx.layout, ctx.scale, ctx.raw = layout, scale, raw
         return w
 
     @staticmethod
@@ -90,6 +107,9 @@ class _BalancedFn(torch.autograd.Function):
         w, norm = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         acc = _acc(g.dtype)
+        if ctx.raw:  # the paper's gradient: g itself, radial and mean parts kept (see Balanced)
+            gv, _ = layout.neuron_view(g)
+            return (gv.to(acc) * (scale / norm)).to(g.dtype).reshape(g.shape), None, None, None
         if layout.axes == (0,) and layout.groups == 1 and w.is_contiguous() and g.is_contiguous():
             # the common case: rows of a 2-D view, reductions along dim 1 (no permuted strides)
             wv, gv, dims = w.view(w.shape[0], -1), g.view(g.shape[0], -1), (1,)
@@ -110,7 +130,7 @@ class _BalancedFn(torch.autograd.Function):
         else:
             out = u * coef.neg_()
         out.addcmul_(gf, a)
-        return out.to(g.dtype).reshape(g.shape), None, None
+        return out.to(g.dtype).reshape(g.shape), None, None, None
 
 
 @torch.no_grad()
@@ -140,7 +160,7 @@ def fill_dead_(t: Tensor, layout: NeuronLayout, dead: Tensor | None = None) -> i
     return n_dead
 
 
-def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float = 1.0) -> Balanced:
+def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float = 1.0, grad: str = "projected") -> Balanced:
     """Constrain ``module.<name>`` to the balanced set along ``layout`` (in place) and return the
     parametrization. The stored tensor becomes ``module.parametrizations[name].original``."""
     if not isinstance(module, nn.Module):
@@ -157,7 +177,7 @@ def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float = 1
             f"{layout.describe()}: a balanced neuron would be +-1 (or 0 once centred). Leave it "
             "unconstrained (role 'gain') instead."
         )
-    b = Balanced(layout, scale)
+    b = Balanced(layout, scale, grad)
     # unsafe=True skips parametrize's consistency forward: Balanced keeps shape and dtype by
     # construction, and that extra projection was a third of wrap's time on big models
     parametrize.register_parametrization(module, name, b, unsafe=True)

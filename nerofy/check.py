@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
 from .layout import upcast
@@ -52,18 +53,24 @@ def default_loss(out: Any) -> torch.Tensor:
 
 
 def constraint_error(model: nn.Module, plan: Plan) -> float:
-    """Largest |mean| or |norm - 1| over the constrained neurons of a wrapped model."""
+    """Largest |mean| or |norm / gain - 1| over the constrained neurons of a wrapped model (each
+    balanced tensor's norm is its fixed gain, 1 under the paper's unit norm)."""
     worst = 0.0
     mods = dict(model.named_modules())
     for e in plan:
-        if e.role != "neuron":
+        if not e.constrained:
             continue
         mname, _, attr = e.name.rpartition(".")
-        w = upcast(getattr(mods[mname], attr).detach())
+        mod = mods[mname]
+        w = upcast(getattr(mod, attr).detach())
+        gain = 1.0
+        if parametrize.is_parametrized(mod, attr):
+            for pz in mod.parametrizations[attr]:
+                gain *= float(getattr(pz, "scale", 1.0))
         view, dims = e.layout().neuron_view(w)
         if e.center:
-            worst = max(worst, float(view.mean(dim=dims).abs().max()))
-        worst = max(worst, float((torch.linalg.vector_norm(view, dim=dims) - 1).abs().max()))
+            worst = max(worst, float(view.mean(dim=dims).abs().max()) / gain)
+        worst = max(worst, float((torch.linalg.vector_norm(view, dim=dims) / gain - 1).abs().max()))
     return worst
 
 

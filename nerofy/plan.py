@@ -24,13 +24,15 @@ import fnmatch
 import inspect
 import json
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from . import gains
 from .analysis import Finding
 from .layout import ELEMENTWISE, NeuronLayout
 from .trace import FRONTENDS, Trace, trace
@@ -38,6 +40,7 @@ from .trace import FRONTENDS, Trace, trace
 log = logging.getLogger("nerofy")
 
 ROLES = ("neuron", "embedding", "gain", "bias", "additive", "free", "frozen")
+TABLE_ROLES = ("embedding", "additive")
 # how to resolve several uses of one parameter: the first role in this order wins
 _PRIORITY = {r: i for i, r in enumerate(("neuron", "embedding", "additive", "gain", "bias", "free"))}
 
@@ -57,20 +60,34 @@ class Entry:
     reason: str = ""
     warnings: list[str] = field(default_factory=list)
     overridden: bool = False
+    # neurons: the activation feeding the op's data input when every use agrees (gains.Signal)
+    signal: Any = None
+    # the fixed gain of a balanced tensor; None: from the signal (nerofy.gains), 1 for tables
+    gain: float | None = None
+    # tables (embedding, additive): balanced per vector (axes = the vectors, fan-in = the feature dim)
+    balanced: bool = False
 
     @property
     def constrained(self) -> bool:
-        return self.role == "neuron"
+        return self.role == "neuron" or (self.role in TABLE_ROLES and self.balanced)
 
     def layout(self) -> NeuronLayout | None:
         """The optimizer layout (None for frozen parameters)."""
         if self.role == "frozen":
             return None
-        if self.role == "neuron":
+        if self.constrained:
             return NeuronLayout(self.axes, self.split_axis, self.groups, center=self.center)
         if self.role == "embedding":
             return NeuronLayout(self.axes, center=False, normalize=False)
         return ELEMENTWISE
+
+    def signal_gain(self) -> float:
+        """The fixed gain this tensor gets under ``wrap(scale="signal")`` (see nerofy.gains)."""
+        if self.gain is not None:
+            return float(self.gain)
+        if self.role == "neuron" and isinstance(self.signal, tuple):
+            return gains.gain(self.signal)
+        return 1.0
 
     def numel(self) -> int:
         n = 1
@@ -111,52 +128,71 @@ class Plan:
             numels[e.role] += e.numel()
         total = sum(numels.values())
         trainable = total - numels["frozen"]
+        constrained = sum(e.numel() for e in self if e.constrained)  # neurons and balanced tables
         return {
             "tensors": counts,
             "params": numels,
             "total_params": total,
-            "constrained_share": (numels["neuron"] / trainable) if trainable else 0.0,
+            "balanced_tables": sum(1 for e in self if e.balanced),
+            "constrained_share": (constrained / trainable) if trainable else 0.0,
             "frontend": self.frontend,
             "warnings": len(self.warnings),
         }
 
     # ---- overrides ---------------------------------------------------------------------------
     def override(self, pattern: str, role: str | None = None, axis: int | tuple[int, ...] | None = None,
-                 center: bool | None = None) -> list[str]:
-        """Change the role, neuron axes or centring of every parameter whose name matches
-        ``pattern`` (exact name or glob). Returns the names changed."""
+                 center: bool | None = None, gain: float | None = None, balanced: bool | None = None) -> list[str]:
+        """Change the role, neuron axes, centring, fixed gain or (for embedding/additive tables)
+        balancing of every parameter whose name matches ``pattern`` (exact name or glob).
+
+        ``axis``: the neuron axes (for a balanced table, the axes that index its vectors; by
+        default every axis but the last). ``gain``: the fixed gain of a balanced tensor (see
+        nerofy.gains; ``wrap(scale="signal")`` uses it). Returns the names changed."""
         if role is not None and role not in ROLES:
             raise ValueError(f"unknown role {role!r}; choose from {', '.join(ROLES)}")
+        if gain is not None and not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0):
+            raise ValueError(f"gain must be a positive finite number, got {gain!r}")
         names = [n for n in self.entries if n == pattern or fnmatch.fnmatchcase(n, pattern)]
         if not names:
             raise ValueError(_no_match(pattern, self.entries))
         for n in names:
             e = self.entries[n]
             new_role = role or e.role
-            axes = e.axes
+            if balanced and new_role not in TABLE_ROLES:
+                raise ValueError(f"{n}: balanced= applies to embedding and additive tables, not role {new_role!r} "
+                                 "(a neuron is always balanced; use role='neuron' to constrain another tensor)")
+            axes = e.axes if new_role == e.role else None  # a new role starts from its own default axes
             if axis is not None:
                 axes = (axis,) if isinstance(axis, int) else tuple(axis)
                 nd = len(e.shape)
                 if any(not -nd <= a < nd for a in axes):
                     raise ValueError(f"axis {axis} is out of range for {n} of shape {e.shape}")
                 axes = tuple(sorted(a % nd for a in axes))
-            if new_role in ("neuron", "embedding") and axes is None:
-                axes = (0,)
-            e.role, e.axes, e.overridden = new_role, axes if new_role in ("neuron", "embedding") else None, True
+            table_balanced = new_role in TABLE_ROLES and (balanced if balanced is not None else
+                                                          e.balanced and new_role == e.role)
+            if axes is None and (new_role in ("neuron", "embedding") or table_balanced):
+                axes = (0,) if new_role != "additive" else tuple(range(len(e.shape) - 1))
+            keep_axes = new_role in ("neuron", "embedding") or table_balanced
+            e.role, e.axes, e.overridden = new_role, axes if keep_axes else None, True
+            e.balanced = bool(table_balanced)
             if new_role not in ("neuron",):
                 e.split_axis, e.groups = None, 1
             if axis is not None:
                 e.split_axis, e.groups = None, 1
             if center is not None:
                 e.center = bool(center)
-            if e.role == "neuron":
-                lay = e.layout()
+            if gain is not None:
+                e.gain = float(gain)
+            e.fan_in = None
+            if e.constrained or e.role == "embedding":
+                lay = NeuronLayout(e.axes, e.split_axis, e.groups)
                 lay.check(e.shape)
                 e.fan_in = lay.fan_in(e.shape)
-                if e.fan_in <= 1:
+                if e.constrained and e.fan_in <= 1:
                     raise ValueError(f"{n}: fan-in 1 along axes {e.axes}; a balanced neuron would be +-1. "
-                                     "Use role='gain' instead.")
-            e.reason = f"override: role={e.role}" + (f", axes={e.axes}" if e.axes else "")
+                                     "Use role='gain' (or balanced=False) instead.")
+            e.reason = (f"override: role={e.role}" + (f", axes={e.axes}" if e.axes else "")
+                        + (", balanced" if e.balanced else "") + (f", gain={e.gain:g}" if e.gain is not None else ""))
         return names
 
     # ---- rendering ---------------------------------------------------------------------------
@@ -180,6 +216,9 @@ class Plan:
             e = dict(e)
             e["shape"] = tuple(e["shape"])
             e["axes"] = tuple(e["axes"]) if e.get("axes") is not None else None
+            if isinstance(e.get("signal"), list):  # JSON lists back to the hashable (op, ((k, v), ...))
+                op, kw = e["signal"]
+                e["signal"] = (op, tuple((k, v) for k, v in kw))
             entries.append(Entry(**e))
         return cls(entries, d.get("frontend", ""), [tuple(a) for a in d.get("attempts", [])], d.get("warnings", []))
 
@@ -189,12 +228,13 @@ class Plan:
             axes = "" if e.axes is None else ",".join(map(str, e.axes))
             if e.groups > 1:
                 axes += f" +{e.groups}g(ax{e.split_axis})"
-            out.append((e.name, "x".join(map(str, e.shape)) or "scalar", e.role, axes,
-                        "" if e.fan_in is None else str(e.fan_in), "yes" if e.role == "neuron" and e.center else "",
-                        e.op, e.frontend, e.reason))
+            g = e.signal_gain() if e.constrained else None
+            out.append((e.name, "x".join(map(str, e.shape)) or "scalar", e.role + (" (balanced)" if e.balanced else ""),
+                        axes, "" if e.fan_in is None else str(e.fan_in), "yes" if e.constrained and e.center else "",
+                        "" if g is None else f"{g:.3g}", e.op, e.frontend, e.reason))
         return out
 
-    HEADER = ("name", "shape", "role", "axes", "fan-in", "centred", "op", "frontend", "reason")
+    HEADER = ("name", "shape", "role", "axes", "fan-in", "centred", "gain", "op", "frontend", "reason")
 
     def table(self, max_reason: int = 60) -> str:
         rows = [self.HEADER] + [r[:-1] + (r[-1][:max_reason],) for r in self.rows()]
@@ -389,16 +429,62 @@ def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entr
             e.warnings.append(f"also used where no rule applies ({why}); kept role {best.role}")
         else:
             e.warnings.append(f"also used as {', '.join(others)}; chose {best.role} (priority order)")
-    if e.role in ("neuron", "embedding"):
+    if e.role == "additive":
+        _table_vectors(e, findings)
+    if e.role in ("neuron", "embedding") or e.balanced:
         lay = NeuronLayout(e.axes, e.split_axis, e.groups)
         try:
             lay.check(shape)
         except ValueError as err:
-            e.role, e.axes, e.reason = "free", None, f"found layout does not fit: {err}"
+            e.role, e.axes, e.reason, e.balanced = "free", None, f"found layout does not fit: {err}", False
             e.warnings.append(e.reason)
             return e
         e.fan_in = lay.fan_in(shape)
-        if e.fan_in <= 1:
+        if e.fan_in <= 1 and e.role == "neuron":
             e.reason = (f"fan-in 1 ({e.reason}): a balanced neuron could only be +-1, so it is a per-element gain")
             e.role, e.axes, e.split_axis, e.groups = "gain", None, None, 1
+        elif e.role == "neuron":
+            _signal(e, [f for f in findings if f.role == "neuron"])
+        elif e.role == "embedding" and e.fan_in > 1:
+            _table_rows(e, findings)
+        elif e.fan_in <= 1:
+            e.balanced, e.axes, e.fan_in = False, None, None
     return e
+
+
+def _signal(e: Entry, uses: list[Finding]) -> None:
+    """The activation feeding the neuron's inputs, when every use agrees (its gain: nerofy.gains)."""
+    sigs = {f.signal for f in uses}
+    if len(sigs) == 1 and isinstance(next(iter(sigs)), tuple):
+        e.signal = next(iter(sigs))
+        e.reason += f"; input is {gains.describe(e.signal)} output: gain {e.signal_gain():.3g} = 1/rms, He's gain"
+    elif len(sigs) > 1:
+        e.reason += "; its uses see different inputs: gain 1"
+
+
+def _table_rows(e: Entry, findings: list[Finding]) -> None:
+    """A lookup table: balanced per row as the paper balances every matrix, unless its rows are added
+    to attention logits (a logit bias: one number per head, nothing to normalise)."""
+    if any(f.meets == "logits" for f in findings):
+        e.reason += "; its rows are added to attention logits: a logit bias, left unconstrained"
+        return
+    e.balanced = True
+    e.reason += "; balanced per row (zero-mean, unit-norm vectors, as the paper balances every table)"
+
+
+def _table_vectors(e: Entry, findings: list[Finding]) -> None:
+    """An additive table (position embeddings, class/register tokens): balanced per vector along
+    the dim it meets the activation's feature dim on, as the paper balances every matrix."""
+    uses = [f for f in findings if f.role == "additive"]
+    if any(f.meets == "logits" for f in uses):
+        e.reason += "; added to attention logits: a logit bias, left unconstrained"
+        return
+    axes = {f.vector_axis for f in uses}
+    if len(axes) != 1 or None in axes:
+        e.reason += "; no single feature dim found for its vectors: left unconstrained"
+        return
+    va = axes.pop()
+    if len(e.shape) < 2 or e.shape[va] <= 1:
+        return
+    e.balanced, e.axes = True, tuple(d for d in range(len(e.shape)) if d != va)
+    e.reason += f"; balanced per vector along dim {va} (the feature dim it is added to)"

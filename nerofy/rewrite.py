@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .balanced import Balanced, balance, is_balanced
+from .balanced import GRAD_MODES, Balanced, balance, is_balanced
 from .layout import NeuronLayout
 from .optim import Nero
 from .plan import Plan, make_plan
@@ -35,15 +35,20 @@ def is_wrapped(model: nn.Module) -> bool:
         parametrize.is_parametrized(m) and is_balanced(m) for m in model.modules())
 
 
-def apply_plan(model: nn.Module, plan: Plan, scale: str = "unit") -> dict[str, nn.Parameter]:
+def apply_plan(model: nn.Module, plan: Plan, scale: str = "signal", update: str = "paper") -> dict[str, nn.Parameter]:
     """Register the plan's balanced parametrizations in place. Returns name -> the tensor the
     optimizer must update (``parametrizations.<attr>.original`` for constrained ones).
 
-    ``scale``: each balanced layer's fixed gain, ``"unit"`` (the paper) or ``"init"`` (the mean
-    neuron norm the layer had before wrapping; see nerofy.scale)."""
+    ``scale``: each balanced tensor's fixed gain: ``"signal"`` (the plan's gains, which keep a
+    unit-variance signal unit-variance through each activation; see nerofy.gains), ``"unit"`` (the
+    paper: gain 1) or ``"init"`` (the mean neuron norm it had before wrapping; see nerofy.scale).
+    ``update``: the gradient the stored tensors get, ``"paper"`` or ``"projected"`` (see Balanced)."""
     if scale not in SCALE_MODES:
         raise ValueError(f"unknown scale mode {scale!r}; choose from {', '.join(SCALE_MODES)} "
                          "(or wrap with 'unit' and call nerofy.calibrate_(model, batch))")
+    if update not in GRAD_MODES:
+        raise ValueError(f"unknown update {update!r}; choose from {', '.join(GRAD_MODES)} ('paper': Nero sees the "
+                         "full weight gradient as in the paper; 'projected': the gradient of the stored tensor)")
     params = dict(model.named_parameters())
     missing = [e.name for e in plan if e.name not in params]
     if missing:
@@ -63,25 +68,29 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "unit") -> dict[str, n
     targets = {}
     for e in plan:
         p = params[e.name]
-        if e.role != "neuron":
+        if not e.constrained:
             targets[e.name] = p
             continue
         lay = e.layout()
-        gain = init_scale(p, lay) if scale == "init" else 1.0
+        gain = init_scale(p, lay) if scale == "init" else e.signal_gain() if scale == "signal" else 1.0
         for mod, attr in aliases[id(p)]:
-            balance(mod, attr, lay, gain)
+            balance(mod, attr, lay, gain, update)
         mod, attr = aliases[id(p)][0]
         targets[e.name] = mod.parametrizations[attr].original
     return targets
 
 
-def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "unit",
-         **nero_options):
+def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "signal",
+         update: str = "paper", **nero_options):
     """Plan (unless given), rewrite ``model`` in place as a balanced network, and return
     ``(model, optimizer)`` with a :class:`Nero` whose param groups match the plan.
 
-    ``scale`` sets the fixed gain of each balanced layer (``"unit"``: the paper; ``"init"``: keep
-    each layer's initial mean neuron norm); see :mod:`nerofy.scale`.
+    ``scale`` sets the fixed gain of each balanced tensor: ``"signal"`` (default: the plan's gain,
+    ``1/std(phi(z))`` for a layer fed by activation ``phi``, 1 elsewhere; :mod:`nerofy.gains`),
+    ``"unit"`` (the paper's unit norm) or ``"init"`` (each layer's initial mean neuron norm).
+    ``update``: ``"paper"`` (default: Nero normalises by the full weight gradient and re-projects,
+    the paper's update exactly) or ``"projected"`` (by the gradient of the stored tensor, the
+    tangent part only); see :class:`nerofy.Balanced`.
 
     Wrapping an already wrapped model raises ValueError (constraints never stack). Frozen
     parameters are left alone and are not given to the optimizer; unfreezing one later needs a new
@@ -96,7 +105,7 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
         plan = make_plan(model, example_inputs)
     for w in plan.warnings:
         log.warning("nerofy: %s", w)
-    targets = apply_plan(model, plan, scale)
+    targets = apply_plan(model, plan, scale, update)
     groups: dict[NeuronLayout, list] = defaultdict(list)
     for e in plan:
         lay = e.layout()

@@ -171,6 +171,28 @@ SHAPE_ONLY = {"size", "dim", "ndim", "numel", "shape", "zeros_like", "ones_like"
               "grad", "has_compatible_shallow_copy_type", "is_leaf", "grad_fn", "_version"}
 
 
+EMBEDDINGS = {"embedding", "aten_embedding", "embedding_bag"}
+# products that, between two activations, compare them (q @ k^T: logits)
+PAIR_PRODUCTS = {"matmul", "mm", "bmm", "rmatmul", "einsum", "baddbmm"}
+# ops after which logits are still logits (scaled, shifted or masked)
+LOGIT_PRESERVING = {"mul", "div", "add", "sub", "neg", "masked_fill", "where", "clamp", "nan_to_num"}
+
+
+def output_feature(op: str, argname: str, weight_nd: int) -> int | None:
+    """The output dim (negative: from the end) that holds the neurons of a contraction's weight
+    ``argname``: the feature dim of what the op computes. None where no single dim does."""
+    if op in ("linear", "bilinear") and argname == "weight":
+        return -1
+    if re.fullmatch(r"conv(_transpose)?[123]d|_?convolution", op) and argname == "weight" and weight_nd >= 3:
+        return -(weight_nd - 1)  # (N, C_out, *spatial): the channel dim
+    if op in ("matmul", "mm", "addmm", "rmatmul") and weight_nd == 2:
+        if argname in ("other", "mat2"):
+            return -1  # x @ W
+        if argname == "input":
+            return -2  # W @ x
+    return None
+
+
 @dataclass(frozen=True)
 class Contraction:
     """Result of a contraction rule for one argument: dims of that argument."""

@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
+from . import gains as G
 from . import rules as R
 from .analysis import Act, Analyzer, Const, Derived, Finding
 from .modules import module_findings, module_rule
@@ -349,14 +350,20 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
                     continue
                 an.emit(v, "additive", type(mod).__name__, f"fed as input to module {node.target}")
             # module rules for what a leaf covers, here in graph order ("first use" means first in forward)
-            an.findings.extend(_leaf_rule_findings(node.target, mod, names))
+            x = args[0] if args and isinstance(args[0], Act) else None
+            leaf = _leaf_rule_findings(node.target, mod, names)
+            if x is not None and isinstance(mod, _DIRECT_WEIGHT):
+                for f in leaf:  # its weight consumes the module's input directly: that input's signal
+                    if f.role == "neuron":
+                        f.signal = x.signal
+            an.findings.extend(leaf)
             d = _iter_derived((args, kwargs))
             if d and isinstance(mod, R_NORM_MODULES):
                 env[node] = an._elementwise(d, shp if isinstance(shp, tuple) else d[0].shape)
             elif isinstance(shp, list):
                 env[node] = [Act(s) for s in shp]
             else:
-                env[node] = Act(shp)
+                env[node] = _leaf_output(mod, x, shp, names)
         elif node.op == "output":
             for v in _iter_derived(res(node.args)):
                 an.emit(v, "free", "output", "returned by forward without being consumed")
@@ -407,6 +414,32 @@ def _record_call(an: Analyzer, fn, node: fx.Node, node_vals: dict, env: dict):
 
 
 R_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+# leaf modules whose weight multiplies the module's input itself (so that input's signal is its own)
+_DIRECT_WEIGHT = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _leaf_output(mod: nn.Module, x: Act | None, shp, names: dict[int, str]) -> Act:
+    """What a leaf module's output is, for the gain and table rules (gains.py)."""
+    sig = G.module_signal(mod)
+    if sig is not None:
+        return Act(shp, sig, x.feature if x is not None else None)
+    if isinstance(mod, G.PRESERVING_MODULES) and x is not None:
+        # same values; a flatten moves dims, so the feature dim is not followed there
+        flat = isinstance(mod, (nn.Flatten, nn.Unflatten))
+        return Act(shp, x.signal, None if flat else x.feature, x.tables)
+    if isinstance(mod, nn.Linear):
+        return Act(shp, feature=-1)
+    if isinstance(mod, nn.modules.conv._ConvNd):
+        return Act(shp, feature=-(mod.weight.dim() - 1))
+    if isinstance(mod, R_NORM_MODULES) and x is not None:
+        return Act(shp, feature=x.feature)
+    if isinstance(mod, nn.Embedding) and id(mod.weight) in names:
+        return Act(shp, feature=-1, tables=frozenset([names[id(mod.weight)]]))
+    if isinstance(mod, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        return Act(shp, G.PROBS)
+    return Act(shp)
 
 
 def _rule_covered(mod: nn.Module, names: dict[int, str]) -> set[str]:

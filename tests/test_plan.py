@@ -57,7 +57,7 @@ MIXED_WANT = {
     "conv.weight": ("neuron", (0,), None, 1), "conv.bias": ("bias", None, None, 1),
     "bn.weight": ("gain", None, None, 1), "bn.bias": ("bias", None, None, 1),
     "up.weight": ("neuron", (1,), 0, 2), "up.bias": ("bias", None, None, 1),
-    "proj": ("neuron", (1,), None, 1), "pos": ("additive", None, None, 1),
+    "proj": ("neuron", (1,), None, 1), "pos": ("additive", (0, 1), None, 1),  # balanced per vector
     "heads": ("neuron", (0, 2), None, 1), "ls": ("gain", None, None, 1),
     "emb.weight": ("neuron", (0,), None, 1),        # tied: the head's neurons are the embedding rows
     "frozen.weight": ("frozen", (0,), None, 1), "frozen.bias": ("frozen", None, None, 1),

@@ -40,7 +40,7 @@ WEIGHT_STANDARDISED = {"nfnet_f0", "dm_nfnet_f0"}
 # exact expectations for a few parameters per model: name -> (role, axes)
 SPOT = {
     "vit_tiny_patch16_224": {
-        "cls_token": ("additive", None), "pos_embed": ("additive", None),
+        "cls_token": ("additive", (0, 1)), "pos_embed": ("additive", (0, 1)),  # balanced per vector
         "patch_embed.proj.weight": ("neuron", (0,)), "blocks.0.attn.qkv.weight": ("neuron", (0,)),
         "blocks.0.norm1.weight": ("gain", None), "blocks.0.mlp.fc2.bias": ("bias", None),
     },

@@ -3,6 +3,8 @@
 models covering every rule."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -77,7 +79,7 @@ def test_wrap_returns_model_and_nero_with_the_plans_layouts():
     for e in plan:
         mname, _, attr = e.name.rpartition(".")
         m = model.get_submodule(mname)
-        assert parametrize.is_parametrized(m, attr) == (e.role == "neuron"), e.name
+        assert parametrize.is_parametrized(m, attr) == e.constrained, e.name  # neurons and balanced tables
 
 
 def test_wrap_with_example_inputs_and_options():
@@ -110,7 +112,9 @@ def test_outputs_keep_shapes_and_constraint_holds():
     w = model.up.weight                       # grouped transposed conv: per (group, out channel)
     v = w.unflatten(0, (2, 4))                 # (g, in/g, out/g, k, k)
     assert torch.allclose(v.mean(dim=(1, 3, 4)), torch.zeros(2, 2), atol=1e-6)
-    assert torch.allclose(torch.linalg.vector_norm(v, dim=(1, 3, 4)), torch.ones(2, 2), atol=1e-5)
+    gain = model.up.parametrizations.weight[0].scale  # relu feeds it: its signal gain
+    assert gain == pytest.approx(math.sqrt(2), rel=1e-5)
+    assert torch.allclose(torch.linalg.vector_norm(v, dim=(1, 3, 4)), torch.full((2, 2), gain), atol=1e-5)
     assert torch.allclose(model.proj.norm(dim=0), torch.ones(6), atol=1e-5)   # (in, out): columns
 
 
@@ -235,9 +239,12 @@ def test_plain_state_dict_loads_into_a_wrapped_model_projected():
     model.load_state_dict(plain, strict=False)
     plan = wrapped_plan(model)
     for e in plan:
-        got = model.get_parameter(e.name) if e.role != "neuron" else \
-            getattr(model.get_submodule(e.name.rpartition(".")[0]), e.name.rpartition(".")[2])
-        want = e.layout().project(plain[e.name]) if e.role == "neuron" else plain[e.name]
+        mod, attr = model.get_submodule(e.name.rpartition(".")[0]), e.name.rpartition(".")[2]
+        if e.constrained and not plain[e.name].any():
+            continue  # all zero (the position table): no direction to project, it gets a random one
+        got = getattr(mod, attr) if e.constrained else model.get_parameter(e.name)
+        want = e.layout().project(plain[e.name]) * mod.parametrizations[attr][0].scale if e.constrained \
+            else plain[e.name]
         assert torch.allclose(got, want, atol=1e-6), e.name
     assert constraint_error(model, plan) < 1e-5
 
@@ -300,7 +307,8 @@ def test_zero_initialised_weights_are_never_nan_or_dead():
     x = torch.randn(5, 4)
     model, opt = nerofy.wrap(model, example_inputs=(x,))
     w = model[2].weight
-    assert torch.isfinite(w).all() and torch.allclose(w.norm(dim=1), torch.ones(3), atol=1e-5)
+    gain = model[2].parametrizations.weight[0].scale
+    assert torch.isfinite(w).all() and torch.allclose(w.norm(dim=1), torch.full((3,), gain), atol=1e-5)
     _train(model, opt, (x,), 2)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
