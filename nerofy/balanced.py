@@ -1,9 +1,10 @@
 """The balanced parametrization: each neuron's incoming weights zero-mean and unit-norm.
 
 ``torch.nn.utils.parametrize`` stores a free tensor ``V`` and computes the weight as
-``scale * normalize(center(V))`` in every forward, so the constraint holds exactly and autograd gives
-the projected gradient. Nero re-projects ``V`` after each step so that ``||V|| = 1`` and its learning
-rate stays an angle.
+``scale * normalize(center(V))`` in every forward, so the constraint holds exactly. Backward hands
+``V`` either the paper's gradient (the full weight gradient, ``grad="paper"``, wrap's default) or the
+true, projected gradient of ``V`` (``grad="projected"``). Nero re-projects ``V`` after each step so
+that ``||V|| = 1`` and its learning rate stays an angle.
 """
 from __future__ import annotations
 

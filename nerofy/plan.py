@@ -1,4 +1,4 @@
-"""The plan: one role per trainable parameter, with its neuron axes and the reason.
+"""The plan: one role per trainable parameter, with its neuron axes, signal gain and reason.
 
 Roles (DESIGN §2):
 
@@ -6,17 +6,19 @@ Roles (DESIGN §2):
 role         what                                             constraint                  optimizer state
 ============ ================================================ =========================== ================
 neuron       contracted with inputs (linear, conv, matmul...) zero-mean, unit-norm/neuron one per neuron
-embedding    lookup-table rows                                none (a deliberate choice)  one per row
+embedding    lookup-table rows                                balanced per row            one per row
 gain         multiplies activations (norm weights, scales)    none                        one per element
 bias         added, one non-trivial dim                       none                        one per element
-additive     added/concatenated: tokens, position tables      none                        one per element
+additive     added/concatenated: tokens, position tables      balanced per vector         one per vector
 free         user override or a documented fallback           none                        one per element
 frozen       requires_grad=False                              untouched                   none
 ============ ================================================ =========================== ================
 
-Embedding rows are *not* constrained: a unit-norm row fixes every token vector's length, which
-changes what the layers after it see (position embeddings are added at their own scale). Each row
-still gets Nero's per-row adaptive step, scaled by the table's mean row norm.
+Tables are balanced as the paper balances every matrix: a lookup table per row, an additive table
+per vector along the dim it meets the activation's feature dim on. Tables whose values are added to
+attention logits (relative-position biases) are logit biases, one number per head: they stay free.
+A neuron fed by an activation ``phi`` records it (``Entry.signal``); its fixed gain is
+``1/rms(phi(z))`` (nerofy.gains).
 """
 from __future__ import annotations
 
