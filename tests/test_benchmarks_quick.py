@@ -33,3 +33,21 @@ def test_quick(tmp_path, script, out_json, png):
     assert data["meta"]["quick"] is True
     if png:
         assert (tmp_path / png).stat().st_size > 0
+
+
+def test_training_quality_quick_resumes_and_summarises(tmp_path):
+    """benchmarks/training_quality.py: a quick MLP + GPT-2 run appends one row per run, a second
+    start finds them done, and --summary renders every config."""
+    out = tmp_path / "tq.jsonl"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "training_quality.py"), "--quick", "--bench", "mlp20x64", "gpt2",
+           "--configs", "nerofy", "paper Nero", "AdamW default", "--schedules", "const", "--out", str(out)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["status"] == "ok" for r in rows), rows
+    assert {(r["bench"], r["config"]) for r in rows} == {(b, c) for b in ("mlp20x64", "gpt2")
+                                                        for c in ("nerofy", "paper Nero", "AdamW default")}
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert again.returncode == 0 and len(out.read_text().splitlines()) == 6  # resumed: nothing re-run
+    s = subprocess.run(cmd[:2] + ["--summary", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert s.returncode == 0 and "| nerofy | const |" in s.stdout and "paper Nero" in s.stdout, s.stdout + s.stderr
