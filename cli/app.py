@@ -289,7 +289,7 @@ def _print_summary(res: dict, plan) -> None:
     fails = [f"{f}: {m}" for f, m in plan.attempts if m != "ok" and f != "note"]
     out.print(f"tracer: [bold]{plan.frontend}[/bold]" + (f" (after {escape('; '.join(fails))})" if fails else ""))
     out.print(f"constrained: [bold]{s['constrained_share']:.1%}[/bold] of trainable parameters "
-              f"(zero-mean, unit-norm neurons)")
+              f"(zero-mean neurons and table vectors, norm = their fixed gain)")
     ax = res.get("axes") or {}
     if ax:
         out.print("axes verified: " + ", ".join(f"{k} {v}" for k, v in ax.items()))
