@@ -26,6 +26,8 @@ Configurations (``--configs``; each gets the plain model built right after torch
   nerofy signal-gain     ... scale="signal"
   nerofy tables free     nerofy.plan, then every "embedding"/"additive" entry overridden balanced=False
   nerofy tables balanced ... balanced=True         (both only on benches that have such tables)
+  nerofy gpt2 gelu-gain  gpt2 only, an experiment: mlp.c_proj gets the tanh-GELU gain (1/rms) that the plan
+                         cannot find (HF writes gelu_new from elementary ops)
   paper Nero             pytorch_optimizer.Nero(model.parameters(), lr=0.01) on the plain model. Its
                          default constraints=True: every dim>1 tensor is centred and normalised per
                          neuron along axis 0 (the paper's convention; for transformers' GPT-2 Conv1D,
@@ -157,6 +159,15 @@ def _tables(balanced: bool):
     return build
 
 
+def _gpt2_gelu_gain(model, ex):
+    """An experiment, not a rule: HF GPT-2's gelu_new is built from elementary ops, so the plan
+    finds no activation feeding mlp.c_proj; give it the gain its tanh-GELU would get."""
+    from nerofy import gains
+    plan = nerofy.plan(model, ex)
+    plan.override("*mlp.c_proj.weight", gain=gains.gain(("gelu", (("approximate", "tanh"),))))
+    return nerofy.wrap(model, plan=plan, lr=0.01)
+
+
 def _paper_nero(model, ex):
     from pytorch_optimizer import Nero
     return model, Nero(model.parameters(), lr=0.01)
@@ -181,6 +192,7 @@ CONFIGS = {
     "nerofy signal-gain": _wrap(scale="signal"),
     "nerofy tables free": _tables(False),
     "nerofy tables balanced": _tables(True),
+    "nerofy gpt2 gelu-gain": _gpt2_gelu_gain,
     "paper Nero": _paper_nero,
     "nerofy.Nero dim0": _nerofy_nero,
     "AdamW default": _torch(torch.optim.AdamW, 1e-3),
@@ -193,6 +205,8 @@ BASELINE = "paper Nero"
 def applies(bench: str, config: str) -> bool:
     if config.startswith("nerofy tables"):
         return BENCHES[bench].tables
+    if config == "nerofy gpt2 gelu-gain":
+        return bench == "gpt2"
     if config == "Adam 1e-3":
         return bench.startswith("mlp")
     return True
