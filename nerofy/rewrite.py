@@ -39,9 +39,8 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "signal", update: str 
     """Register the plan's balanced parametrizations in place. Returns name -> the tensor the
     optimizer must update (``parametrizations.<attr>.original`` for constrained ones).
 
-    ``scale``: each balanced tensor's fixed gain: ``"signal"`` (the plan's gains, which keep a
-    unit-variance signal unit-variance through each activation; see nerofy.gains), ``"unit"`` (the
-    paper: gain 1) or ``"init"`` (the mean neuron norm it had before wrapping; see nerofy.scale).
+    ``scale``: each balanced tensor's fixed gain: ``"signal"`` (the plan's gains, 1/rms of the
+    activation feeding each layer; see nerofy.gains), ``"unit"`` (the paper: gain 1) or ``"init"`` (the mean neuron norm it had before wrapping; see nerofy.scale).
     ``update``: the gradient the stored tensors get, ``"paper"`` or ``"projected"`` (see Balanced)."""
     if scale not in SCALE_MODES:
         raise ValueError(f"unknown scale mode {scale!r}; choose from {', '.join(SCALE_MODES)} "
@@ -86,7 +85,7 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
     ``(model, optimizer)`` with a :class:`Nero` whose param groups match the plan.
 
     ``scale`` sets the fixed gain of each balanced tensor: ``"signal"`` (default: the plan's gain,
-    ``1/std(phi(z))`` for a layer fed by activation ``phi``, 1 elsewhere; :mod:`nerofy.gains`),
+    ``1/rms(phi(z))`` for a layer fed by activation ``phi``, 1 elsewhere; :mod:`nerofy.gains`),
     ``"unit"`` (the paper's unit norm) or ``"init"`` (each layer's initial mean neuron norm).
     ``update``: ``"paper"`` (default: Nero normalises by the full weight gradient and re-projects,
     the paper's update exactly) or ``"projected"`` (by the gradient of the stored tensor, the
