@@ -6,7 +6,7 @@ about 1/3 of that, and a plain ReLU network then halves the second moment per la
 normalisation layers do not care; deep plain ones do. Each balanced layer therefore carries a fixed
 gain (``Balanced.scale``, saved in checkpoints, never trained):
 
-* ``"signal"`` — the plan's gain: ``1/std(phi(z))`` for a layer fed by activation ``phi``, 1
+* ``"signal"`` — the plan's gain: ``1/rms(phi(z))`` for a layer fed by activation ``phi``, 1
   elsewhere (:mod:`nerofy.gains`; the default);
 * ``"unit"`` — the paper's unit norm (gain 1);
 * ``"init"`` — each layer keeps the mean neuron norm it had before wrapping (PyTorch's init scale);
