@@ -348,8 +348,7 @@ class Analyzer:
             if isinstance(out_shape, list) and first is not None and op in R.SPLITS:
                 return [self._view_act(op, first, args, kwargs, s) for s in out_shape]
             if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY and not isinstance(out_shape, list):
-                # where(mask, rows, fill): the activation is not the first argument
-                return Act(out_shape, feature=_common_feature(acts), tables=frozenset().union(*(a.tables for a in acts)))
+                return _elementwise_act(acts, out_shape)  # where(mask, rows, fill): rows not first
             return self._plain(out_shape, True)
         sig = G.activation_signal(op, args, kwargs)
         if sig is not None:
@@ -372,9 +371,7 @@ class Analyzer:
                 self.mark_logit_tables([a for a in acts if a.signal != G.SIMILARITY])
                 return Act(out_shape, G.SIMILARITY)
         if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY | R.CONCATS:
-            # looked-up rows masked, scaled or shifted are still those rows (they matter only if
-            # they reach attention logits)
-            return Act(out_shape, feature=_common_feature(acts), tables=frozenset().union(*(a.tables for a in acts)))
+            return _elementwise_act(acts, out_shape)
         return Act(out_shape)
 
     @staticmethod
@@ -478,6 +475,12 @@ class Analyzer:
             self.emit(src, "free", op, f"could not follow dims through '{op}' (shapes unknown)")
             return Const(outs)
         return new
+
+
+def _elementwise_act(acts: list[Act], out_shape) -> Act:
+    """Elementwise maths on activations: the feature dim they agree on; looked-up rows masked,
+    scaled or shifted are still those rows (they matter only if they reach attention logits)."""
+    return Act(out_shape, feature=_common_feature(acts), tables=frozenset().union(*(a.tables for a in acts)))
 
 
 def _common_feature(acts: list[Act]) -> int | None:

@@ -57,15 +57,14 @@ ACTIVATIONS: dict[str, tuple] = {
 PRESERVING = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d",
               "native_dropout", "identity"}
 
-# activation modules (leaves for fx: it sees the module call, not the function): class -> (op, attributes)
-MODULES: list[tuple[type, str, tuple[str, ...]]] = [
-    (nn.ReLU, "relu", ()), (nn.ReLU6, "relu6", ()), (nn.LeakyReLU, "leaky_relu", ("negative_slope",)),
-    (nn.ELU, "elu", ("alpha",)), (nn.CELU, "celu", ("alpha",)), (nn.SELU, "selu", ()),
-    (nn.GELU, "gelu", ("approximate",)), (nn.SiLU, "silu", ()), (nn.Mish, "mish", ()),
-    (nn.Hardswish, "hardswish", ()), (nn.Hardsigmoid, "hardsigmoid", ()),
-    (nn.Hardtanh, "hardtanh", ("min_val", "max_val")), (nn.Softplus, "softplus", ("beta", "threshold")),
-    (nn.Tanh, "tanh", ()), (nn.Sigmoid, "sigmoid", ()), (nn.Softsign, "softsign", ()),
-]
+# activation modules (leaves for fx: it sees the module call, not the function): class -> op; the
+# module keeps the function's parameters as attributes of the same names (ACTIVATIONS)
+MODULES: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.ELU: "elu", nn.CELU: "celu",
+    nn.SELU: "selu", nn.GELU: "gelu", nn.SiLU: "silu", nn.Mish: "mish", nn.Hardswish: "hardswish",
+    nn.Hardsigmoid: "hardsigmoid", nn.Hardtanh: "hardtanh", nn.Softplus: "softplus", nn.Tanh: "tanh",
+    nn.Sigmoid: "sigmoid", nn.Softsign: "softsign",
+}
 PRESERVING_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
                       nn.Flatten, nn.Unflatten)
 
@@ -95,10 +94,10 @@ def activation_signal(op: str, args: tuple, kwargs: dict) -> Signal | None:
 
 
 def module_signal(mod: nn.Module) -> Signal | None:
-    for cls, op, attrs in MODULES:
-        if type(mod) is cls:
-            return (op, tuple((a, getattr(mod, a)) for a in attrs if hasattr(mod, a)))
-    return None
+    op = MODULES.get(type(mod))  # the exact class: a subclass may compute something else
+    if op is None:
+        return None
+    return (op, tuple((a, getattr(mod, a)) for a in ACTIVATIONS[op][1] if hasattr(mod, a)))
 
 
 def describe(sig: Signal) -> str:

@@ -459,7 +459,7 @@ def _signal(e: Entry, uses: list[Finding]) -> None:
     sigs = {f.signal for f in uses}
     if len(sigs) == 1 and isinstance(next(iter(sigs)), tuple):
         e.signal = next(iter(sigs))
-        e.reason += f"; input is {gains.describe(e.signal)} output: gain {e.signal_gain():.3g} = 1/rms, He's gain"
+        e.reason += f"; input is {gains.describe(e.signal)} output: gain {e.signal_gain():.3g} = 1/rms of it (He's gain for ReLU)"
     elif len(sigs) > 1:
         e.reason += "; its uses see different inputs: gain 1"
 

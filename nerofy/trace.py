@@ -429,10 +429,9 @@ def _leaf_output(mod: nn.Module, x: Act | None, shp, names: dict[int, str]) -> A
         # same values; a flatten moves dims, so the feature dim is not followed there
         flat = isinstance(mod, (nn.Flatten, nn.Unflatten))
         return Act(shp, x.signal, None if flat else x.feature, x.tables)
-    if isinstance(mod, nn.Linear):
-        return Act(shp, feature=-1)
-    if isinstance(mod, nn.modules.conv._ConvNd):
-        return Act(shp, feature=-(mod.weight.dim() - 1))
+    if isinstance(mod, _DIRECT_WEIGHT):  # the op rule's output feature dim, as for F.linear / F.conv*
+        op = "linear" if isinstance(mod, nn.Linear) else "convolution"
+        return Act(shp, feature=R.output_feature(op, "weight", mod.weight.dim()))
     if isinstance(mod, R_NORM_MODULES) and x is not None:
         return Act(shp, feature=x.feature)
     if isinstance(mod, nn.Embedding) and id(mod.weight) in names:
