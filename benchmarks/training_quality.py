@@ -27,7 +27,11 @@ Configurations (``--configs``; each gets the plain model built right after torch
   nerofy tables free     nerofy.plan, then every "embedding"/"additive" entry overridden balanced=False
   nerofy tables balanced ... balanced=True         (both only on benches that have such tables)
   nerofy gpt2 gelu-gain  gpt2 only, an experiment: mlp.c_proj gets the tanh-GELU gain (1/rms) that the plan
-                         cannot find (HF writes gelu_new from elementary ops)
+                         cannot find (HF writes gelu_new from elementary ops), times its residual-stream factor
+  nerofy paper step-scale  ablation: gains and biases step at the paper's scale (initial mean magnitude, 0.01
+                         where zero) instead of at least lr (wrap's default)
+  nerofy branch gain 1   ablation: residual branches without the residual-stream factor (their signal gain
+                         only; the library's default before that rule)
   paper Nero             pytorch_optimizer.Nero(model.parameters(), lr=0.01) on the plain model. Its
                          default constraints=True: every dim>1 tensor is centred and normalised per
                          neuron along axis 0 (the paper's convention; for transformers' GPT-2 Conv1D,
@@ -164,7 +168,29 @@ def _gpt2_gelu_gain(model, ex):
     finds no activation feeding mlp.c_proj; give it the gain its tanh-GELU would get."""
     from nerofy import gains
     plan = nerofy.plan(model, ex)
-    plan.override("*mlp.c_proj.weight", gain=gains.gain(("gelu", (("approximate", "tanh"),))))
+    for e in plan:
+        if e.name.endswith("mlp.c_proj.weight"):  # keeps the residual-stream factor the plan gives it
+            plan.override(e.name, gain=gains.gain(("gelu", (("approximate", "tanh"),))) * (e.stream_rms or 1.0))
+    return nerofy.wrap(model, plan=plan, lr=0.01)
+
+
+def _paper_step_scale(model, ex):
+    """Ablation: gains and biases step at the paper's scale (their initial mean magnitude, 0.01
+    where that is 0), not at least lr (wrap's min_scale 1 for those roles)."""
+    model, opt = nerofy.wrap(model, lr=0.01, example_inputs=ex)
+    for g in opt.param_groups:
+        g["min_scale"] = 0.0
+    return model, opt
+
+
+def _branch_gain_1(model, ex):
+    """Ablation: residual branches at their signal gain alone (no residual-stream factor)."""
+    plan = nerofy.plan(model, ex)
+    branches = [e for e in plan if e.stream_rms is not None]
+    if not branches:
+        raise ValueError("the plan has no residual branches on a stream of table rows")
+    for e in branches:
+        plan.override(e.name, gain=e.signal_gain() / e.stream_rms)
     return nerofy.wrap(model, plan=plan, lr=0.01)
 
 
@@ -193,6 +219,8 @@ CONFIGS = {
     "nerofy tables free": _tables(False),
     "nerofy tables balanced": _tables(True),
     "nerofy gpt2 gelu-gain": _gpt2_gelu_gain,
+    "nerofy branch gain 1": _branch_gain_1,
+    "nerofy paper step-scale": _paper_step_scale,
     "paper Nero": _paper_nero,
     "nerofy.Nero dim0": _nerofy_nero,
     "AdamW default": _torch(torch.optim.AdamW, 1e-3),
@@ -203,7 +231,7 @@ BASELINE = "paper Nero"
 
 
 def applies(bench: str, config: str) -> bool:
-    if config.startswith("nerofy tables"):
+    if config.startswith("nerofy tables") or config == "nerofy branch gain 1":
         return BENCHES[bench].tables
     if config == "nerofy gpt2 gelu-gain":
         return bench == "gpt2"

@@ -11,6 +11,7 @@ function-mode recorder and torch.export all share it, so a rule is written once.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
@@ -31,6 +32,9 @@ class Derived:
     gathered: dict[str, frozenset] = field(default_factory=dict)  # param dims indexed by data
 
 
+_UIDS = itertools.count()
+
+
 @dataclass
 class Act:
     shape: tuple[int, ...] | None = None
@@ -42,6 +46,20 @@ class Act:
     feature: int | None = None
     # lookup tables whose rows these are, unchanged since the lookup
     tables: frozenset = frozenset()
+    # the weights of the contraction whose output this is (through bias adds, dropout and views)
+    producer: frozenset = frozenset()
+    # a residual stream that starts as table rows: those tables (lookups and the tables added to
+    # them), kept through residual sums, dropout and views; anything else starts a new stream
+    stream: frozenset = frozenset()
+    # computed from such rows with no norm in between (so at their scale, not at a norm's rms 1)
+    from_rows: bool = False
+    # a pointwise function of one earlier activation: (that one's uid, fn, text, nonlinear)
+    expr: tuple | None = field(default=None, compare=False)
+    uid: int = field(default_factory=lambda: next(_UIDS), compare=False)
+
+    @property
+    def rows_scale(self) -> bool:
+        return bool(self.stream) or self.from_rows
 
 
 @dataclass
@@ -65,6 +83,7 @@ class Finding:
     signal: Any = None  # neuron uses: the activation that produced the op's data input (gains.Signal)
     vector_axis: int | None = None  # table uses: the parameter dim added along the activation's feature dim
     meets: str = ""  # table uses: "logits" when added to attention logits (a logit bias, not feature vectors)
+    stream: tuple[str, ...] = ()  # role "stream": the output is added to a stream that starts as these tables' rows
 
 
 def _shape(v) -> tuple[int, ...] | None:
@@ -216,8 +235,10 @@ class Analyzer:
         if op == "einsum" and len(args) == 2 and isinstance(args[1], (list, tuple)):
             operands = list(args[1])
         data = [v for v in bound.values() if isinstance(v, Act)]
-        data_signal = data[0].signal if len(data) == 1 else None
+        data_signal = input_signal(data[0]) if len(data) == 1 else None
         out_feature = None  # the feature dim of a contraction's output
+        producer: set[str] = set()  # the weights whose contraction this is
+        inputs = [v for v in flat if isinstance(v, Act)]
         for name, val in list(bound.items()) if op != "einsum" else []:
             if isinstance(val, Derived):
                 rule = R.contraction(op, name, val.shape or (), bound)
@@ -229,6 +250,8 @@ class Analyzer:
                 elif isinstance(rule, R.Contraction):
                     self._contract(val, rule, op, name, data_signal)
                     out_feature = R.output_feature(op, name, len(val.shape or ()))
+                    if rule.role == "neuron" and name != R.DATA_SLOT.get(op):
+                        producer |= set(val.origins)
                 else:
                     meets = "logits" if op == "sdpa" and name == "attn_mask" else ""
                     self.emit(val, rule, op, f"{name} of {op}", meets=meets)
@@ -244,6 +267,8 @@ class Analyzer:
                         self.emit(val, "gain", op, f"einsum operand {i}: nothing contracted, it scales")
                     else:
                         self._contract(val, rule, op, f"operand {i}")
+                        if rule.role == "neuron":
+                            producer |= set(val.origins)
         if ruled:
             if passthrough is not None:
                 return self._elementwise([passthrough], out_shape or passthrough.shape)
@@ -251,10 +276,13 @@ class Analyzer:
                 return Act(out_shape, feature=bound["input"].feature)  # a norm keeps the feature dim
             if op in R.EMBEDDINGS:
                 tables = frozenset(p for v in bound.values() if isinstance(v, Derived) for p in v.origins)
-                return Act(out_shape, feature=-1, tables=tables)
+                return Act(out_shape, feature=-1, tables=tables, stream=tables)
             if op == "sdpa":
                 self.mark_logit_tables([v for k, v in bound.items() if k == "attn_mask" and isinstance(v, Act)])
-            return Act(out_shape, feature=out_feature) if not isinstance(out_shape, list) else self._plain(out_shape, True)
+            if isinstance(out_shape, list):
+                return self._plain(out_shape, True)
+            return Act(out_shape, feature=out_feature, producer=frozenset(producer),
+                       from_rows=any(a.rows_scale for a in inputs))
 
         # views
         if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SELECTS | R.SPLITS | R.IDENTITY:
@@ -298,7 +326,15 @@ class Analyzer:
                                       feature=None if logits else feature, meets="logits" if logits else "")
                 if op in R.ADDITIVE_OPS | R.CONCATS and not isinstance(out_shape, list):
                     # adding a bias/table keeps what the activation is (logits stay logits, features features)
-                    return Act(out_shape, G.SIMILARITY if logits else None, None if logits else feature)
+                    if op in R.ADDITIVE_OPS and len(acts) == 1 and not logits:
+                        # a bias keeps the layer's output its output; a table added to table rows joins
+                        # the stream they start
+                        a = acts[0]
+                        stream = a.stream | {p for d in derived for p in d.origins} if a.stream else frozenset()
+                        return Act(out_shape, feature=feature, producer=a.producer, stream=frozenset(stream),
+                                   from_rows=a.from_rows)
+                    return Act(out_shape, G.SIMILARITY if logits else None, None if logits else feature,
+                               from_rows=any(a.rows_scale for a in acts))
                 return self._plain(out_shape, True)
             if op in R.CONCATS:
                 return self._concat(op, derived, args, kwargs, out_shape)
@@ -334,7 +370,14 @@ class Analyzer:
 
     # ---- activations: what kind of signal flows (for gains and tables) ------------------------
     def _act_flow(self, op: str, args: tuple, kwargs: dict, out_shape, acts: list[Act]):
-        """The output of an op on activations and constants only, with its signal tags."""
+        """The output of an op on activations and constants only, with its signal tags and, for
+        elementwise maths on one activation, the pointwise function it computes of it."""
+        out = self._act_tags(op, args, kwargs, out_shape, acts)
+        if isinstance(out, Act) and out.expr is None:
+            out.expr = _pointwise(op, args, kwargs)
+        return out
+
+    def _act_tags(self, op: str, args: tuple, kwargs: dict, out_shape, acts: list[Act]):
         if not acts:
             return self._plain(out_shape, False)
         first = args[0] if args and isinstance(args[0], Act) else None
@@ -352,7 +395,7 @@ class Analyzer:
             return self._plain(out_shape, True)
         sig = G.activation_signal(op, args, kwargs)
         if sig is not None:
-            return Act(out_shape, sig, first.feature)
+            return Act(out_shape, sig, first.feature, from_rows=first.rows_scale)
         if op in G.PRESERVING:
             return replace(first, shape=out_shape if out_shape is not None else first.shape)
         if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SPLITS or (op in R.SELECTS and not _index_is_act(args, kwargs)):
@@ -370,15 +413,37 @@ class Analyzer:
             if logits:
                 self.mark_logit_tables([a for a in acts if a.signal != G.SIMILARITY])
                 return Act(out_shape, G.SIMILARITY)
+            if op == "add" and len(args) >= 2 and all(isinstance(v, Act) for v in args[:2]):
+                return self._residual_sum(acts, out_shape)
         if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY | R.CONCATS:
             return _elementwise_act(acts, out_shape)
         return Act(out_shape)
 
+    def _residual_sum(self, acts: list[Act], out_shape) -> Act:
+        """``stream + branch``: a layer's output added to a residual stream that starts as table rows.
+        The layer is recorded (a "stream" finding: the plan scales its gain to those rows' rms, so
+        each branch enters at the stream's starting scale); the sum is that stream still."""
+        out = _elementwise_act(acts, out_shape)
+        streams = [a for a in acts if a.stream]
+        # a branch computed from the rows themselves (no norm between) is at their scale already
+        branches = [a for a in acts if a.producer and not a.rows_scale]
+        if len(streams) == 2:  # token rows + position rows: one stream of both
+            return replace(out, stream=streams[0].stream | streams[1].stream, from_rows=False)
+        if len(streams) == 1 and len(branches) == 1:
+            tables = tuple(sorted(streams[0].stream))
+            for p in sorted(branches[0].producer):
+                self.findings.append(Finding(p, "stream", op="add", where=self.where, frontend=self.frontend,
+                                             reason="output added to a residual stream of table rows", stream=tables))
+            return replace(out, stream=streams[0].stream, from_rows=False)
+        return out
+
     @staticmethod
     def _pair_product(acts: list[Act], out_shape) -> Act:
         """q @ k^T of two activations is a similarity (attention logits); probabilities @ v are
-        features again."""
-        return Act(out_shape) if any(a.signal == G.PROBS for a in acts) else Act(out_shape, G.SIMILARITY)
+        features again (at the scale of v)."""
+        if any(a.signal == G.PROBS for a in acts):
+            return Act(out_shape, from_rows=any(a.rows_scale for a in acts if a.signal != G.PROBS))
+        return Act(out_shape, G.SIMILARITY)
 
     def _view_act(self, op, src: Act, args, kwargs, out_shape) -> Act:
         """A view of an activation: its signal and tables stay; its feature dim moves with the view."""
@@ -392,7 +457,7 @@ class Analyzer:
                 hits = [j for j, o in enumerate(new.origins["#"]) if o == frozenset([0])]
                 if len(hits) == 1:
                     feature = hits[0] - len(new.origins["#"])
-        return Act(out_shape, src.signal, feature, src.tables)
+        return Act(out_shape, src.signal, feature, src.tables, src.producer, src.stream, src.from_rows)
 
     def _elementwise(self, ds: list[Derived], out_shape) -> Derived | Act:
         nd = len(out_shape) if out_shape is not None else max(len(d.shape or ()) for d in ds)
@@ -479,8 +544,73 @@ class Analyzer:
 
 def _elementwise_act(acts: list[Act], out_shape) -> Act:
     """Elementwise maths on activations: the feature dim they agree on; looked-up rows masked,
-    scaled or shifted are still those rows (they matter only if they reach attention logits)."""
-    return Act(out_shape, feature=_common_feature(acts), tables=frozenset().union(*(a.tables for a in acts)))
+    scaled or shifted are still those rows (they matter only if they reach attention logits), and
+    computed from them (no longer the stream itself: a scaled stream is not at the rows' scale)."""
+    return Act(out_shape, feature=_common_feature(acts), tables=frozenset().union(*(a.tables for a in acts)),
+               from_rows=any(a.rows_scale for a in acts))
+
+
+def _term(v):
+    """(base uid, fn, text, nonlinear) of an operand of pointwise maths; a number is a constant."""
+    if isinstance(v, Act):
+        return v.expr if v.expr is not None else (v.uid, lambda z: z, "z", False)
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return (None, lambda z, c=float(v): c, f"{v:g}", False)
+    return None
+
+
+def _pointwise(op: str, args: tuple, kwargs: dict) -> tuple | None:
+    """The pointwise function ``op`` computes of one activation (the base every Act operand shares),
+    or None: other ops, tensors other than that activation, keyword options beyond an activation's."""
+    if op in G.ACTIVATIONS:
+        sig = G.activation_signal(op, args, kwargs)
+        t = _term(args[0]) if sig is not None and args else None
+        if t is None or t[0] is None:
+            return None
+        act, kw = G.ACTIVATIONS[op][0], dict(sig[1])
+        return (t[0], lambda z, f=t[1]: act(f(z), **kw), f"{G.describe(sig)}({t[2]})" if t[2] != "z" else G.describe(sig), True)
+    if kwargs:
+        return None
+    if op in G.UNARY_FNS and len(args) == 1:
+        fns, arity = G.UNARY_FNS[op], 1
+    elif op in G.BINARY_FNS and len(args) == 2:
+        fns, arity = G.BINARY_FNS[op], 2
+    else:
+        return None
+    terms = [_term(a) for a in args[:arity]]
+    if any(t is None for t in terms):
+        return None
+    bases = {t[0] for t in terms if t[0] is not None}
+    if len(bases) != 1:
+        return None
+    number = [t[0] is None for t in terms]
+    if op in G.LINEAR_OPS or (op == "mul" and any(number)) or (op == "div" and number[-1]):
+        own = False  # an affine map: z + c, c z, z / c
+    elif op == "pow" and number[1] and terms[1][2] == "1":
+        own = False
+    else:
+        own = True
+    nonlinear = own or any(t[3] for t in terms)
+    text = f"{op}({', '.join(t[2] for t in terms)})"
+    if len(text) > 160:
+        text = text[:157] + "..."
+    if arity == 1:
+        return (bases.pop(), lambda z, f=terms[0][1], g=fns: g(f(z)), text, nonlinear)
+    return (bases.pop(), lambda z, a=terms[0][1], b=terms[1][1], g=fns: g(_as_t(a(z), z), _as_t(b(z), z)), text, nonlinear)
+
+
+def _as_t(v, z):
+    return v if isinstance(v, torch.Tensor) else torch.full_like(z, v)
+
+
+def input_signal(a: Act):
+    """What feeds a contraction: an activation's tag, or the pointwise composite it is of one
+    pre-activation (nonlinear ones only: an affine map of the pre-activation itself keeps gain 1)."""
+    if a.expr is not None and a.expr[3] and a.expr[2] != (G.describe(a.signal) if isinstance(a.signal, tuple) else None):
+        sig = G.pointwise_signal(a.expr[1], a.expr[2])
+        if sig is not None:
+            return sig
+    return a.signal
 
 
 def _common_feature(acts: list[Act]) -> int | None:

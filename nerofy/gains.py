@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -102,16 +103,51 @@ def module_signal(mod: nn.Module) -> Signal | None:
 
 def describe(sig: Signal) -> str:
     op, kw = sig
+    if op == POINTWISE:
+        return dict(kw)["expr"]
     return f"{op}({', '.join(f'{k}={v}' for k, v in kw)})" if kw else op
+
+
+# elementwise maths on one pre-activation z (gelu_new written as 0.5 z (1 + tanh(...)), x sigmoid(x),
+# squared ReLU): the analysis composes these and evaluates the composite on the quadrature grid
+POINTWISE = "pointwise"
+UNARY_FNS: dict[str, Callable] = {
+    "tanh": torch.tanh, "sigmoid": torch.sigmoid, "erf": torch.erf, "exp": torch.exp, "neg": torch.neg,
+    "abs": torch.abs, "square": torch.square, "sin": torch.sin, "cos": torch.cos, "log1p": torch.log1p,
+    "expm1": torch.expm1, "softplus": F.softplus, "logsigmoid": F.logsigmoid, "reciprocal": torch.reciprocal,
+    "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
+}
+BINARY_FNS: dict[str, Callable] = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div,
+                                   "pow": torch.pow, "maximum": torch.maximum, "minimum": torch.minimum}
+LINEAR_OPS = {"add", "sub", "neg"}  # with numbers: affine, no nonlinearity of their own (mul/div by a number too)
+
+
+def _grid() -> tuple[torch.Tensor, torch.Tensor]:
+    z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
+    return z, torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+
+
+def pointwise_signal(fn: Callable, text: str) -> Signal | None:
+    """The signal of ``fn(z)`` (a composite of elementwise ops on one pre-activation), with its
+    moments; None if it is not finite on the grid."""
+    z, w = _grid()
+    with torch.no_grad():
+        y = fn(z)
+    if not isinstance(y, torch.Tensor) or y.shape != z.shape or not bool(torch.isfinite(y).all()):
+        return None
+    mean, second = float((w * y).sum()), float((w * y * y).sum())
+    return (POINTWISE, (("expr", text), ("mean", round(mean, 9)), ("second", round(second, 9))))
 
 
 @lru_cache(maxsize=256)
 def moments(sig: Signal) -> tuple[float, float]:
     """(mean, second moment) of ``phi(z)`` for ``z ~ N(0, 1)``, by quadrature on a fine grid."""
     op, kw = sig
+    if op == POINTWISE:
+        d = dict(kw)
+        return float(d["mean"]), float(d["second"])
     fn, _ = ACTIVATIONS[op]
-    z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
-    w = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (z[1] - z[0])
+    z, w = _grid()
     y = fn(z, **dict(kw))
     return float((w * y).sum()), float((w * y * y).sum())
 

@@ -256,6 +256,10 @@ class Nero(torch.optim.Optimizer):
             fan-in-1 tensor falls back to per-element updates, with a logged warning.
         eps: floor of ``sqrt(v_hat)``; a zero gradient gives a zero step, never NaN.
         scale_floor: step scale ``s`` of an unconstrained tensor that is all zero at the start.
+        min_scale: the least step scale ``s`` of an unconstrained tensor (default 0: the paper's
+            mean magnitude alone). ``nerofy.wrap`` gives its gain groups 1 (a gain's unit), so a
+            zero- or tiny-initialised gain (timm's zero-init last BN, LayerScale at 1e-5) moves at
+            ``lr`` per step, not at ``lr * 0.01`` or ``lr * 1e-5``.
         foreach: multi-tensor implementation (default) or the plain per-parameter reference.
         fused: ``None`` (default) updates every tensor it can with a fused CPU kernel that does the
             whole step in one pass per neuron (about 2.5x faster than foreach; see
@@ -288,13 +292,14 @@ class Nero(torch.optim.Optimizer):
         layout: NeuronLayout | str = "auto",
         eps: float = 1e-16,
         scale_floor: float = 0.01,
+        min_scale: float = 0.0,
         foreach: bool | None = None,
         skip_nonfinite: bool = True,
         fused: bool | None = None,
     ):
-        _check_hparams(lr, beta, eps, scale_floor)
+        _check_hparams(lr, beta, eps, scale_floor, min_scale)
         defaults = dict(
-            lr=lr, beta=beta, layout=_parse_layout(layout), eps=eps, scale_floor=scale_floor,
+            lr=lr, beta=beta, layout=_parse_layout(layout), eps=eps, scale_floor=scale_floor, min_scale=min_scale,
             foreach=True if foreach is None else bool(foreach), skip_nonfinite=skip_nonfinite,
             fused=None if fused is None else bool(fused),
         )
@@ -319,7 +324,8 @@ class Nero(torch.optim.Optimizer):
         if "layout" in param_group:
             param_group["layout"] = _parse_layout(param_group["layout"])
         _check_hparams(param_group.get("lr", self.defaults["lr"]), param_group.get("beta", self.defaults["beta"]),
-                       param_group.get("eps", self.defaults["eps"]), param_group.get("scale_floor", self.defaults["scale_floor"]))
+                       param_group.get("eps", self.defaults["eps"]), param_group.get("scale_floor", self.defaults["scale_floor"]),
+                       param_group.get("min_scale", self.defaults["min_scale"]))
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         if g.get("fused") is True and g.get("foreach") is False:
@@ -348,7 +354,7 @@ class Nero(torch.optim.Optimizer):
             m = mags.mean() if mags.numel() else torch.zeros(())
             if hasattr(m, "full_tensor"):  # a sharded (DTensor) parameter: the global mean, same on every rank
                 m = m.full_tensor()
-            s = float(m)
+            s = max(float(m), group.get("min_scale", 0.0))  # groups from older checkpoints lack it
             if not math.isfinite(s) or s <= 0.0:
                 s = group["scale_floor"]
         st["step"] = 0
@@ -459,7 +465,7 @@ def _as_list(x, what: str) -> list:
                          f"{type(x).__name__}: pass model.parameters()") from None
 
 
-def _check_hparams(lr, beta, eps, scale_floor):
+def _check_hparams(lr, beta, eps, scale_floor, min_scale=0.0):
     if not (isinstance(lr, (int, float, Tensor)) and float(lr) >= 0.0 and math.isfinite(float(lr))):
         raise ValueError(f"Invalid learning rate {lr!r}: Nero's lr is an angle in radians, use a value >= 0 such as 0.01")
     if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
@@ -468,3 +474,5 @@ def _check_hparams(lr, beta, eps, scale_floor):
         raise ValueError(f"Invalid eps {eps!r}: it must be > 0")
     if not (scale_floor > 0.0):
         raise ValueError(f"Invalid scale_floor {scale_floor!r}: it must be > 0")
+    if not (isinstance(min_scale, (int, float)) and 0.0 <= min_scale < math.inf):
+        raise ValueError(f"Invalid min_scale {min_scale!r}: it must be a finite number >= 0 (0: the paper's scale)")

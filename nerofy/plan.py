@@ -68,6 +68,10 @@ class Entry:
     gain: float | None = None
     # tables (embedding, additive): balanced per vector (axes = the vectors, fan-in = the feature dim)
     balanced: bool = False
+    # neurons whose output is added to a residual stream that starts as table rows: those tables,
+    # and the rms those rows have (set by the plan from the tables' entries; None: not known)
+    stream: tuple[str, ...] = ()
+    stream_rms: float | None = None
 
     @property
     def constrained(self) -> bool:
@@ -87,9 +91,10 @@ class Entry:
         """The fixed gain this tensor gets under ``wrap(scale="signal")`` (see nerofy.gains)."""
         if self.gain is not None:
             return float(self.gain)
-        if self.role == "neuron" and isinstance(self.signal, tuple):
-            return gains.gain(self.signal)
-        return 1.0
+        g = gains.gain(self.signal) if self.role == "neuron" and isinstance(self.signal, tuple) else 1.0
+        if self.role == "neuron" and self.stream_rms is not None:
+            g *= self.stream_rms  # a residual branch enters at the scale of the rows its stream starts as
+        return g
 
     def numel(self) -> int:
         n = 1
@@ -107,6 +112,25 @@ class Plan:
         self.frontend = frontend
         self.attempts = list(attempts or [])
         self.warnings = list(warnings or [])
+        self._refresh_streams()
+
+    def _refresh_streams(self) -> None:
+        """Each residual branch's ``stream_rms``: the rms of the table rows its stream starts as,
+        sqrt(sum gain^2 / vector length) over the balanced tables there (a bias there adds nothing
+        at the start). Unknown (None, no factor) where a table there is unconstrained or absent."""
+        for e in self:
+            if not e.stream:
+                continue
+            parts, known = [], e.role == "neuron"
+            for t in e.stream:
+                te = self.entries.get(t)
+                if te is not None and te.role in ("bias", "gain") and not te.constrained:
+                    continue
+                if te is None or not te.constrained or not te.fan_in:
+                    known = False
+                    break
+                parts.append((te.signal_gain() if not te.stream else 1.0) ** 2 / te.fan_in)
+            e.stream_rms = math.sqrt(sum(parts)) if known and parts else None
 
     # ---- access ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Entry]:
@@ -195,6 +219,7 @@ class Plan:
                                      "Use role='gain' (or balanced=False) instead.")
             e.reason = (f"override: role={e.role}" + (f", axes={e.axes}" if e.axes else "")
                         + (", balanced" if e.balanced else "") + (f", gain={e.gain:g}" if e.gain is not None else ""))
+        self._refresh_streams()
         return names
 
     # ---- rendering ---------------------------------------------------------------------------
@@ -218,6 +243,7 @@ class Plan:
             e = dict(e)
             e["shape"] = tuple(e["shape"])
             e["axes"] = tuple(e["axes"]) if e.get("axes") is not None else None
+            e["stream"] = tuple(e.get("stream", ()))
             if isinstance(e.get("signal"), list):  # JSON lists back to the hashable (op, ((k, v), ...))
                 op, kw = e["signal"]
                 e["signal"] = (op, tuple((k, v) for k, v in kw))
@@ -408,6 +434,8 @@ def _key(f: Finding):
 
 def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entry:
     """Merge the uses of one parameter into one entry, deterministically."""
+    streams = [f for f in findings if f.role == "stream"]  # where its output goes, not a use
+    findings = [f for f in findings if f.role != "stream"]
     if not findings:
         return Entry(name, shape, "free", reason="no frontend reached it and no module rule knows it",
                      warnings=["no rule: left unconstrained (free)"])
@@ -447,6 +475,7 @@ def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entr
             e.role, e.axes, e.split_axis, e.groups = "gain", None, None, 1
         elif e.role == "neuron":
             _signal(e, [f for f in findings if f.role == "neuron"])
+            _stream(e, streams)
         elif e.role == "embedding" and e.fan_in > 1:
             _table_rows(e, findings)
         elif e.fan_in <= 1:
@@ -459,9 +488,22 @@ def _signal(e: Entry, uses: list[Finding]) -> None:
     sigs = {f.signal for f in uses}
     if len(sigs) == 1 and isinstance(next(iter(sigs)), tuple):
         e.signal = next(iter(sigs))
-        e.reason += f"; input is {gains.describe(e.signal)} output: gain {e.signal_gain():.3g} = 1/rms of it (He's gain for ReLU)"
+        what = (f"the pointwise function {gains.describe(e.signal)} of a pre-activation z"
+                if e.signal[0] == gains.POINTWISE else f"{gains.describe(e.signal)} output")
+        e.reason += f"; input is {what}: gain {e.signal_gain():.3g} = 1/rms of it (He's gain for ReLU)"
     elif len(sigs) > 1:
         e.reason += "; its uses see different inputs: gain 1"
+
+
+def _stream(e: Entry, streams: list[Finding]) -> None:
+    """A residual branch (its output added to a stream that starts as table rows) gets its gain
+    times those rows' rms: unit-norm rows of length d have rms 1/sqrt(d), a balanced layer's output
+    rms ~1, and a branch at rms 1 would drown the rows (the tokens) from the first block on."""
+    tables = sorted({t for f in streams for t in f.stream})
+    if tables:
+        e.stream = tuple(tables)
+        e.reason += (f"; its output is added to a residual stream that starts as rows of {', '.join(tables)}: "
+                     "gain times their rms, so it enters at the stream's starting scale")
 
 
 def _table_rows(e: Entry, findings: list[Finding]) -> None:

@@ -79,6 +79,13 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "signal", update: str 
     return targets
 
 
+# unconstrained roles whose step scale is at least this (Nero's min_scale): a gain multiplies a
+# signal, so its unit is 1 whatever its init, and a zero- or tiny-initialised gain (zero-init last
+# BN, LayerScale at 1e-5) moves at lr per step, not lr * 0.01 or lr * 1e-5. Biases keep the paper's
+# scale: at least 1 they measured worse (tiny GPT-2 1.548 vs 1.500, depth-50 MLPs; docs/results.md)
+UNIT_STEP_ROLES = {"gain": 1.0}
+
+
 def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "signal",
          update: str = "paper", **nero_options):
     """Plan (unless given), rewrite ``model`` in place as a balanced network, and return
@@ -90,6 +97,10 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
     ``update``: ``"paper"`` (default: Nero normalises by the full weight gradient and re-projects,
     the paper's update exactly) or ``"projected"`` (by the gradient of the stored tensor, the
     tangent part only); see :class:`nerofy.Balanced`.
+    Gains step at ``lr`` times their initial mean magnitude but at least ``lr``
+    (``UNIT_STEP_ROLES``, Nero's ``min_scale``): a zero-initialised BN gain would otherwise move
+    ``lr * 0.01`` per step, and a LayerScale at 1e-5 never. ``min_scale=`` sets that least scale
+    (0: the paper's scale, the initial mean magnitude alone).
 
     Wrapping an already wrapped model raises ValueError (constraints never stack). Frozen
     parameters are left alone and are not given to the optimizer; unfreezing one later needs a new
@@ -100,20 +111,25 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
     if is_wrapped(model):
         raise ValueError(f"{type(model).__name__} is already wrapped by nerofy; wrapping twice would stack "
                          "constraints. Use the optimizer you got the first time, or nerofy.bake(model) first.")
+    unit = nero_options.pop("min_scale", None)
+    if unit is not None and not (isinstance(unit, (int, float)) and 0.0 <= unit < float("inf")):
+        raise ValueError(f"Invalid min_scale {unit!r}: it must be a finite number >= 0 (0: the paper's scale)")
     if plan is None:
         plan = make_plan(model, example_inputs)
     for w in plan.warnings:
         log.warning("nerofy: %s", w)
     targets = apply_plan(model, plan, scale, update)
-    groups: dict[NeuronLayout, list] = defaultdict(list)
+    groups: dict[tuple, list] = defaultdict(list)
     for e in plan:
         lay = e.layout()
         if lay is None:
             continue
-        groups[lay].append(targets[e.name])
+        least = UNIT_STEP_ROLES.get(e.role, 0.0)
+        groups[lay, least if unit is None or not least else unit].append(targets[e.name])
     _install_hooks(model)
     object.__setattr__(model, _PLAN_ATTR, plan)
-    opt = Nero([{"params": ps, "layout": lay} for lay, ps in groups.items()], lr=lr, **nero_options)
+    opt = Nero([{"params": ps, "layout": lay, **({"min_scale": ms} if ms else {})}
+                for (lay, ms), ps in groups.items()], lr=lr, **nero_options)
     return model, opt
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 # ---------------------------------------------------------------------------------------------
 _ALIASES = {
     "truediv": "div", "floordiv": "div", "true_divide": "div", "divide": "div", "multiply": "mul",
-    "subtract": "sub", "rsub": "sub", "radd": "add", "rmul": "mul", "rtruediv": "div", "rdiv": "div",
+    "subtract": "sub", "rsub": "sub", "radd": "add", "rmul": "mul", "rtruediv": "div", "rdiv": "div", "rpow": "pow",
+    "rfloordiv": "div",
     "iadd": "add", "isub": "sub", "imul": "mul", "itruediv": "div", "swapaxes": "transpose",
     "swapdims": "transpose", "concat": "cat", "concatenate": "cat", "clip": "clamp",
     "_unsafe_view": "view", "unsafe_view": "view", "moveaxis": "movedim", "conv_transpose": "conv_transpose",
@@ -52,6 +53,19 @@ def canonical(name: str) -> str:
         return "rmatmul"
     key = stripped if stripped in _ALIASES else base
     return _ALIASES.get(key, stripped)
+
+
+# reflected operators (``1 - x`` calls ``x.__rsub__(1)``; aten's ``rsub(x, 1)`` is ``1 - x``)
+_REFLECTED = {"rsub", "rtruediv", "rdiv", "rpow", "rfloordiv"}
+
+
+def in_call_order(name: str, args):
+    """A reflected operator's operands in the order it computes in (``sub(1, x)`` for ``1 - x``),
+    so what reads them sees the op as written."""
+    base = name.split(".")[0].strip("_")
+    if base in _REFLECTED and isinstance(args, tuple) and len(args) == 2:
+        return (args[1], args[0])
+    return args
 
 
 # ---------------------------------------------------------------------------------------------

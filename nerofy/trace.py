@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map
 
 from . import gains as G
 from . import rules as R
-from .analysis import Act, Analyzer, Const, Derived, Finding
+from .analysis import Act, Analyzer, Const, Derived, Finding, _pointwise, input_signal
 from .modules import module_findings, module_rule
 
 log = logging.getLogger("nerofy")
@@ -152,7 +152,7 @@ class _Recorder(TorchFunctionMode):
         out = func(*args, **kwargs)
         name = _fn_name(func)
         op = R.canonical(name)
-        rargs = tree_map(self.resolve, args)
+        rargs = R.in_call_order(name, tree_map(self.resolve, args))
         rkw = tree_map(self.resolve, kwargs)
         target = args[0] if args and isinstance(args[0], torch.Tensor) and _in_place(name) else None
         try:
@@ -355,7 +355,7 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
             if x is not None and isinstance(mod, _DIRECT_WEIGHT):
                 for f in leaf:  # its weight consumes the module's input directly: that input's signal
                     if f.role == "neuron":
-                        f.signal = x.signal
+                        f.signal = input_signal(x)
             an.findings.extend(leaf)
             d = _iter_derived((args, kwargs))
             if d and isinstance(mod, R_NORM_MODULES):
@@ -424,18 +424,22 @@ def _leaf_output(mod: nn.Module, x: Act | None, shp, names: dict[int, str]) -> A
     """What a leaf module's output is, for the gain and table rules (gains.py)."""
     sig = G.module_signal(mod)
     if sig is not None:
-        return Act(shp, sig, x.feature if x is not None else None)
+        return Act(shp, sig, x.feature if x is not None else None, from_rows=x is not None and x.rows_scale,
+                   expr=_pointwise(sig[0], (x,), dict(sig[1])) if x is not None else None)
     if isinstance(mod, G.PRESERVING_MODULES) and x is not None:
         # same values; a flatten moves dims, so the feature dim is not followed there
         flat = isinstance(mod, (nn.Flatten, nn.Unflatten))
-        return Act(shp, x.signal, None if flat else x.feature, x.tables)
+        return Act(shp, x.signal, None if flat else x.feature, x.tables, x.producer, x.stream, x.from_rows)
     if isinstance(mod, _DIRECT_WEIGHT):  # the op rule's output feature dim, as for F.linear / F.conv*
         op = "linear" if isinstance(mod, nn.Linear) else "convolution"
-        return Act(shp, feature=R.output_feature(op, "weight", mod.weight.dim()))
+        w = names.get(id(mod.weight))
+        return Act(shp, feature=R.output_feature(op, "weight", mod.weight.dim()),
+                   producer=frozenset([w]) if w else frozenset(), from_rows=x is not None and x.rows_scale)
     if isinstance(mod, R_NORM_MODULES) and x is not None:
         return Act(shp, feature=x.feature)
     if isinstance(mod, nn.Embedding) and id(mod.weight) in names:
-        return Act(shp, feature=-1, tables=frozenset([names[id(mod.weight)]]))
+        t = frozenset([names[id(mod.weight)]])
+        return Act(shp, feature=-1, tables=t, stream=t)
     if isinstance(mod, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
         return Act(shp, G.PROBS)
     return Act(shp)
@@ -512,7 +516,7 @@ def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], sh
             name = getattr(node.target, "_opname", None) or _fn_name(node.target)
             name = R.ATEN_RENAMES.get(name, name) if hasattr(node.target, "_opname") else name
             op = R.canonical(name)
-            args, kwargs = res(node.args), res(node.kwargs)
+            args, kwargs = R.in_call_order(name, res(node.args)), res(node.kwargs)
             if op == "getitem" and isinstance(args[0], (list, tuple)):
                 env[node] = args[0][args[1]]
                 continue

@@ -1,7 +1,8 @@
 """The training defaults of issue 18: signal gains, balanced tables, the paper's update.
 
-* gains (nerofy.gains): a balanced layer fed by activation phi gets 1/std(phi(z)), found from the
+* gains (nerofy.gains): a balanced layer fed by activation phi gets 1/rms(phi(z)), found from the
   graph by every frontend, recorded in the plan; normalised models are unchanged by it;
+* residual branches on a stream that starts as table rows get their gain times those rows' rms;
 * tables: lookup tables balanced per row, additive tables per vector along the feature dim they
   are added to, logit biases (added to attention logits) left free;
 * update="paper": the stored tensor's gradient is the full weight gradient, so wrap + Nero is the
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -19,7 +21,9 @@ from torch import nn
 
 import nerofy
 from nerofy import gains
+from nerofy.check import constraint_error
 from nerofy.plan import make_plan
+from nerofy.rewrite import wrapped_plan
 
 RELU_CENTRED = 1 / math.sqrt(0.5 - 1 / (2 * math.pi))  # 1/std(relu(z)), z ~ N(0, 1)
 HE = math.sqrt(2)  # 1/rms(relu(z)): the default
@@ -54,6 +58,52 @@ class Mlp(nn.Module):
         h = torch.tanh(self.c(h))                                 # d: tanh
         h = self.ln(self.d(h))                                    # e: a norm's output
         return self.f(h + F.gelu(self.e(h)))                      # f: a residual sum
+
+
+class ByHand(nn.Module):
+    """Activations written from elementary ops (as HF writes gelu_new), reflected operators, and
+    affine maps of a pre-activation (no nonlinearity: gain 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.ModuleList(nn.Linear(8 if i == 0 else 16, 16) for i in range(8))
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        a, b, c, d, e, f, g, h = self.l
+        x = a(x)
+        x = b(0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))))
+        x = c(x * torch.sigmoid(x))                    # silu by hand
+        x = d(self.act(x) ** 2)                        # squared ReLU (an activation module, then maths)
+        x = e(2 - torch.sigmoid(x))                    # a reflected operator: 2 - s, not s - 2
+        x = f(1 / (1 + torch.exp(-x)))                 # sigmoid by hand, 1 / t reflected
+        x = g(2.0 * x + 1.0)                           # affine: keeps gain 1
+        return h(3.0 * F.relu(x))                      # a scaled activation: 1 / rms(3 relu(z))
+
+
+def _rms_gain(fn):
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    return 1 / float(fn(z).pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_activations_written_from_elementary_ops_get_their_gain(frontend):
+    plan = make_plan(ByHand(), (torch.randn(2, 8),), frontends=(frontend,))
+    want = {
+        "l.1": gains.gain(("gelu", (("approximate", "tanh"),))),
+        "l.2": gains.gain(("silu", ())),
+        "l.3": _rms_gain(lambda z: F.relu(z) ** 2),
+        "l.4": _rms_gain(lambda z: 2 - torch.sigmoid(z)),
+        "l.5": gains.gain(("sigmoid", ())),
+        "l.6": 1.0,
+        "l.7": HE / 3,
+    }
+    for n, g in want.items():
+        e = plan[n + ".weight"]
+        assert e.signal_gain() == pytest.approx(g, rel=2e-3), (frontend, n, e.signal, e.reason)
+    assert "z" in plan["l.1.weight"].reason and plan["l.0.weight"].signal_gain() == 1.0
+    back = nerofy.Plan.from_dict(json.loads(plan.to_json()))  # the composite's moments travel in the plan
+    assert back["l.1.weight"].signal_gain() == pytest.approx(want["l.1"])
 
 
 @pytest.mark.parametrize("frontend", ["fx", "record", "export"])
@@ -219,6 +269,156 @@ def test_override_frees_or_balances_a_table():
 
 
 # ---------------------------------------------------------------------------------------------
+# residual branches on a stream of table rows
+# ---------------------------------------------------------------------------------------------
+class PreNorm(nn.Module):
+    """Pre-norm blocks on token rows + position rows (the tokens' stream), a post-norm block, and a
+    stream that starts scaled (so no longer at the rows' scale)."""
+
+    def __init__(self, d=16, t=6, post=False, scaled=False):
+        super().__init__()
+        self.tok = nn.Embedding(20, d)
+        self.pos = nn.Parameter(torch.randn(1, t, d) * 0.02)
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn, self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.drop = nn.Dropout(0.0)
+        self.head = nn.Linear(d, 20)
+        self.post, self.scaled = post, scaled
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos[:, : idx.shape[1]]
+        if self.scaled:
+            x = x * 4.0
+        if self.post:
+            x = self.ln1(x + self.attn(x))  # post-norm: the sum is normalised, the stream restarts at rms 1
+        else:
+            x = x + self.drop(self.attn(self.ln1(x)))
+        x = x + self.fc2(F.relu(self.fc1(self.ln2(x))))
+        return self.head(self.ln3(x))
+
+
+def _idx():
+    return (torch.randint(0, 20, (2, 6)),)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_residual_branches_enter_at_the_scale_of_the_rows_their_stream_starts_as(frontend):
+    plan = make_plan(PreNorm(), _idx(), frontends=(frontend,))
+    rms = math.sqrt(2 / 16)  # token rows and position rows, each unit norm over 16 features
+    for name, base in (("attn.weight", 1.0), ("fc2.weight", HE)):
+        e = plan[name]
+        assert e.stream == ("pos", "tok.weight"), (name, e.reason)
+        assert e.stream_rms == pytest.approx(rms) and e.signal_gain() == pytest.approx(base * rms)
+        assert "residual stream" in e.reason
+    for name in ("fc1.weight", "head.weight"):  # not added to the stream
+        assert plan[name].stream == () and plan[name].signal_gain() == 1.0
+
+
+@pytest.mark.parametrize("kind", ["post", "scaled"])
+def test_no_stream_factor_where_the_stream_is_not_at_the_rows_scale(kind):
+    plan = nerofy.plan(PreNorm(**{kind: True}), _idx())
+    assert plan["fc2.weight"].stream == () and plan["fc2.weight"].signal_gain() == pytest.approx(HE)
+    assert plan["attn.weight"].signal_gain() == 1.0
+
+
+def test_stream_factor_follows_the_tables_overrides_and_json():
+    plan = nerofy.plan(PreNorm(), _idx())
+    plan.override("pos", gain=3.0)
+    assert plan["attn.weight"].signal_gain() == pytest.approx(math.sqrt((1 + 9) / 16))
+    back = nerofy.Plan.from_dict(json.loads(plan.to_json()))
+    assert back["fc2.weight"].stream == ("pos", "tok.weight")
+    assert back["fc2.weight"].signal_gain() == pytest.approx(HE * math.sqrt(10 / 16))
+    plan.override("tok.weight", balanced=False)  # a free table: its scale is the user's, no factor
+    assert plan["attn.weight"].stream_rms is None and plan["attn.weight"].signal_gain() == 1.0
+
+
+def test_wrapped_branch_output_has_the_rows_scale():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 20, (64, 6))
+    ratios = {}
+    for scale in ("signal", "unit"):
+        m, _ = nerofy.wrap(PreNorm(), example_inputs=(idx[:2],), scale=scale)
+        seen = {}
+        m.attn.register_forward_hook(lambda mod, i, o: seen.__setitem__("branch", o))
+        m.fc2.register_forward_hook(lambda mod, i, o: seen.__setitem__("mlp", o))
+        with torch.no_grad():
+            m(idx)
+            rows = m.tok(idx) + m.pos
+        ratios[scale] = [float(seen[k].pow(2).mean().sqrt() / rows.pow(2).mean().sqrt()) for k in ("branch", "mlp")]
+        assert constraint_error(m, wrapped_plan(m)) < 1e-5
+    assert all(0.5 < r < 2.0 for r in ratios["signal"]), ratios
+    assert all(r > 1.5 for r in ratios["unit"]), ratios  # unit norm: the branches outweigh the token rows
+
+
+# ---------------------------------------------------------------------------------------------
+# step scale of gains and biases
+# ---------------------------------------------------------------------------------------------
+class ZeroInitBlock(nn.Module):
+    """A residual block whose last BN gain starts at 0 (timm's zero_init_last), a LayerScale at
+    1e-5, zero BN biases, and a free parameter (consumed by an op without a rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        nn.init.zeros_(self.bn2.weight)
+        self.ls = nn.Parameter(torch.full((4, 1, 1), 1e-5))
+        self.odd = nn.Parameter(torch.full((4,), 0.5))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = x + self.ls * self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return self.head(h.mean((2, 3)) + torch.special.erfinv(self.odd.tanh()))
+
+
+def test_gains_step_at_least_lr_and_biases_at_the_papers_scale():
+    torch.manual_seed(0)
+    m, opt = nerofy.wrap(ZeroInitBlock(), example_inputs=(torch.randn(2, 4, 5, 5),))
+    plan = wrapped_plan(m)
+    assert plan["bn2.weight"].role == "gain" and plan["ls"].role == "gain" and plan["odd"].role == "free"
+    x, y = torch.randn(8, 4, 5, 5), torch.randint(0, 3, (8,))
+    start = {n: p.detach().clone() for n, p in m.named_parameters()}
+    for _ in range(10):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    scale = {n: opt.state[p]["scale"] for n, p in m.named_parameters()}
+    assert scale["bn2.weight"] == 1.0 and scale["ls"] == 1.0
+    assert scale["bn1.weight"] == 1.0  # initialised at 1: unchanged
+    assert scale["bn2.bias"] == 0.01  # biases: the paper's floor for an all-zero tensor
+    assert scale["head.bias"] == pytest.approx(float(start["head.bias"].abs().mean()))  # its mean magnitude
+    assert scale["odd"] == pytest.approx(0.5)  # not a gain: the paper's mean magnitude
+    moved = {n: float((p.detach() - start[n]).abs().max()) for n, p in m.named_parameters()}
+    assert moved["bn2.weight"] > 0.02 and moved["ls"] > 0.02  # ~lr per step, not lr * 1e-5
+    # the paper's scale (min_scale 0): the zero-init gain crawls at lr * 0.01, the LayerScale at lr * 1e-5
+    m2, opt2 = nerofy.wrap(ZeroInitBlock(), example_inputs=(torch.randn(2, 4, 5, 5),), min_scale=0.0)
+    start = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    for _ in range(10):
+        opt2.zero_grad()
+        F.cross_entropy(m2(x), y).backward()
+        opt2.step()
+    moved2 = {n: float((p.detach() - start[n]).abs().max()) for n, p in m2.named_parameters()}
+    assert moved2["bn2.weight"] < 0.002 and moved2["ls"] < 1e-5
+
+
+def test_nero_min_scale_is_checked_and_defaults_to_the_papers_scale():
+    w = nn.Parameter(torch.zeros(5))
+    opt = nerofy.Nero([w])
+    w.grad = torch.ones(5)
+    opt.step()
+    assert opt.state[w]["scale"] == 0.01  # the paper's floor for an all-zero tensor
+    torch.testing.assert_close(w.detach(), torch.full((5,), -0.01 * 0.01))
+    v = nn.Parameter(torch.zeros(5))
+    opt = nerofy.Nero([v], min_scale=1.0)
+    v.grad = torch.ones(5)
+    opt.step()
+    torch.testing.assert_close(v.detach(), torch.full((5,), -0.01))
+    for bad in (-1.0, float("inf"), "1"):
+        with pytest.raises(ValueError, match="min_scale"):
+            nerofy.Nero([v], min_scale=bad)
+
+
+# ---------------------------------------------------------------------------------------------
 # the paper's update through the rewrite
 # ---------------------------------------------------------------------------------------------
 def _paired(update):
@@ -226,7 +426,7 @@ def _paired(update):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
     wrapped, opt_w = nerofy.wrap(copy.deepcopy(net), example_inputs=(torch.randn(2, 8),), scale="unit",
-                                 update=update, fused=False)
+                                 update=update, fused=False, min_scale=0.0)  # biases at the paper's scale
     plain = nerofy.bake(copy.deepcopy(wrapped))
     opt_p = nerofy.Nero(plain.parameters(), fused=False)  # the paper's convention: dim>1 -> rows
     return wrapped, opt_w, plain, opt_p

@@ -70,11 +70,12 @@ def test_wrap_returns_model_and_nero_with_the_plans_layouts():
             name = by_id[id(p)]
             seen.add(name)
             assert g["layout"] == plan[name].layout()
+            assert g["min_scale"] == (1.0 if plan[name].role == "gain" else 0.0)  # gains step at least lr
     trainable = {e.name for e in plan if e.role != "frozen"}
     assert seen == trainable
-    # one group per distinct layout, neuron layouts constrained, the rest elementwise
+    # one group per distinct layout (and least step scale), neuron layouts constrained, the rest elementwise
     layouts = [g["layout"] for g in opt.param_groups]
-    assert len(layouts) == len(set(layouts))
+    assert len(opt.param_groups) == len({(g["layout"], g["min_scale"]) for g in opt.param_groups})
     assert plan["up.weight"].layout() in layouts and ELEMENTWISE in layouts
     for e in plan:
         mname, _, attr = e.name.rpartition(".")
