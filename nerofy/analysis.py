@@ -457,7 +457,7 @@ class Analyzer:
                 hits = [j for j, o in enumerate(new.origins["#"]) if o == frozenset([0])]
                 if len(hits) == 1:
                     feature = hits[0] - len(new.origins["#"])
-        return Act(out_shape, src.signal, feature, src.tables, src.producer, src.stream, src.from_rows)
+        return _keep_expr(Act(out_shape, src.signal, feature, src.tables, src.producer, src.stream, src.from_rows), src)
 
     def _elementwise(self, ds: list[Derived], out_shape) -> Derived | Act:
         nd = len(out_shape) if out_shape is not None else max(len(d.shape or ()) for d in ds)
@@ -601,6 +601,14 @@ def _pointwise(op: str, args: tuple, kwargs: dict) -> tuple | None:
 
 def _as_t(v, z):
     return v if isinstance(v, torch.Tensor) else torch.full_like(z, v)
+
+
+def _keep_expr(new: Act, src: Act) -> Act:
+    """A view of a pointwise composite is still that function of a z, but of a z moved like the
+    view: its own base, so it never combines elementwise with terms of the unmoved one."""
+    if src.expr is not None:
+        new.expr = (new.uid, *src.expr[1:])
+    return new
 
 
 def input_signal(a: Act):

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_map
 
 from . import gains as G
 from . import rules as R
-from .analysis import Act, Analyzer, Const, Derived, Finding, _pointwise, input_signal
+from .analysis import Act, Analyzer, Const, Derived, Finding, _keep_expr, _pointwise, input_signal
 from .modules import module_findings, module_rule
 
 log = logging.getLogger("nerofy")
@@ -429,7 +429,7 @@ def _leaf_output(mod: nn.Module, x: Act | None, shp, names: dict[int, str]) -> A
     if isinstance(mod, G.PRESERVING_MODULES) and x is not None:
         # same values; a flatten moves dims, so the feature dim is not followed there
         flat = isinstance(mod, (nn.Flatten, nn.Unflatten))
-        return Act(shp, x.signal, None if flat else x.feature, x.tables, x.producer, x.stream, x.from_rows)
+        return _keep_expr(Act(shp, x.signal, None if flat else x.feature, x.tables, x.producer, x.stream, x.from_rows), x)
     if isinstance(mod, _DIRECT_WEIGHT):  # the op rule's output feature dim, as for F.linear / F.conv*
         op = "linear" if isinstance(mod, nn.Linear) else "convolution"
         w = names.get(id(mod.weight))

@@ -72,7 +72,8 @@ class ByHand(nn.Module):
     def forward(self, x):
         a, b, c, d, e, f, g, h = self.l
         x = a(x)
-        x = b(0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))))
+        x = b((0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))))
+              .view(-1, 16))                           # HF's gelu_new, then a view (as Conv1D takes it)
         x = c(x * torch.sigmoid(x))                    # silu by hand
         x = d(self.act(x) ** 2)                        # squared ReLU (an activation module, then maths)
         x = e(2 - torch.sigmoid(x))                    # a reflected operator: 2 - s, not s - 2
