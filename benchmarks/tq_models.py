@@ -73,6 +73,22 @@ def gpt2() -> nn.Module:
     return GPT2LMHeadModel(cfg)  # lm_head.weight is tied to transformer.wte.weight
 
 
+MASK_ID = 256  # bert's [MASK]: one id past the 256 byte values
+
+
+def bert() -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    # vocab 257 = bytes + [MASK]; pad_token_id 0 makes word_embeddings row 0 (byte 0, absent from the
+    # text) a padding row; use_cache=False changes nothing for an encoder (as in gpt2)
+    cfg = BertConfig(vocab_size=MASK_ID + 1, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=384, max_position_embeddings=64, type_vocab_size=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, pad_token_id=0, tie_word_embeddings=True, use_cache=False)
+    return BertForMaskedLM(cfg)  # cls.predictions.decoder.weight is tied to bert.embeddings.word_embeddings.weight
+
+
 def vit_tiny() -> nn.Module:
     import timm
     return timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=2, depth=6, in_chans=1, num_classes=10)

@@ -11,12 +11,23 @@ Benchmarks (``--bench``; data and models in benchmarks/tq_models.py):
               batch 16 x ctx 64, 800 steps, eval every 200. Loss: cross-entropy of the logits against
               the next byte, all 64 positions (as charlm; not the model's ``labels=`` loss, which drops
               the last position). Metric: final validation loss (nats/byte).
+  bert        transformers BertForMaskedLM from config (vocab 257 = 256 bytes + [MASK] id 256, hidden 96,
+              2 layers, 4 heads, intermediate 384, 64 positions, 2 token types, no dropout, pad id 0, word
+              embeddings tied to the MLM decoder) as a masked LM on gpt2's bytes and crops, batch 16 x ctx 64,
+              800 steps, eval every 200. Each crop gets round(15% x 64) = 10 positions chosen at random; of
+              those, each becomes [MASK] with p 0.8, a uniform random byte with p 0.1, or stays (BERT's
+              recipe), drawn from torch.Generator().manual_seed(1_000_000 * seed + step) for training step
+              1, 2, ...; the validation batches are masked the same way with seed 7 (manual_seed(7_000_000 +
+              i) for batch i: the same for every config and seed). Input: the masked ids only (token types
+              and attention mask left at their defaults). Loss: cross-entropy of the logits against the
+              original bytes at the chosen positions only (the mean over the batch's 160). Metric: final
+              validation masked-position loss (nats/byte; chance log 256).
   vit_tiny    timm vit_tiny_patch16_224 (img_size 16, patch_size 2, depth 6, 1 channel) on the digits
               upsampled bilinearly to 16x16, batch 50, 16 epochs. Metric: final test accuracy.
   resnet18    timm resnet18 (1 channel) on the same images, batch 50, 8 epochs. Metric: final test accuracy.
 Classification: full batches only, a fresh permutation per epoch from a generator seeded by the seed.
 Language models: random crops from char_lm.batches (seed 100 + seed); validation on 8 fixed held-out
-batches (char_lm.batches(val, 8, 16, 64, 7)).
+batches (char_lm.batches(val, 8, 16, 64, 7)); bert masks both as above.
 
 Configurations (``--configs``; each gets the plain model built right after torch.manual_seed(seed)):
   nerofy                 nerofy.wrap(model, lr=0.01)   (library defaults)
@@ -108,6 +119,7 @@ class Bench:
     batch: int = 50
     seeds: int = 3
     tables: bool = False      # has embedding/additive tables (else the "tables" configs are skipped)
+    task: str = "clm"         # language models: "clm" next-byte/char targets, "mlm" masked (bert)
     chatty: bool = True       # a progress line per evaluation
 
     @property
@@ -120,10 +132,30 @@ BENCHES = {f"mlp{d}x{w}": Bench(lambda d=d, w=w: M.mlp(d, w), "digits", epochs=3
 BENCHES.update(
     charlm=Bench(M.charlm, "chars", steps=1500, eval_every=250, batch=16, tables=True),
     gpt2=Bench(M.gpt2, "bytes", steps=800, eval_every=200, batch=16, tables=True),
+    bert=Bench(M.bert, "bytes", steps=800, eval_every=200, batch=16, tables=True, task="mlm"),
     vit_tiny=Bench(M.vit_tiny, "images", epochs=16, tables=True),
     resnet18=Bench(M.resnet18, "images", epochs=8),
 )
 CTX, VAL_BATCHES = 64, 8
+MLM_RATE, IGNORE = 0.15, -100  # IGNORE: F.cross_entropy's default ignore_index (no clm target is negative)
+
+
+def mlm_mask(x: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking of a (batch, ctx) crop of bytes: round(MLM_RATE * ctx) positions per row, each
+    [MASK] (p 0.8), a random byte (p 0.1) or kept (p 0.1). Returns (input ids, targets): the original
+    byte at the chosen positions, IGNORE elsewhere. Deterministic in ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    b, t = x.shape
+    chosen = torch.zeros(b, t, dtype=torch.bool)
+    chosen.scatter_(1, torch.rand(b, t, generator=g).argsort(1)[:, :round(MLM_RATE * t)], True)
+    r = torch.rand(b, t, generator=g)
+    rand = torch.randint(0, 256, (b, t), generator=g)
+    inp = torch.where(chosen & (r < 0.8), M.MASK_ID, torch.where(chosen & (r < 0.9), rand, x))
+    return inp, torch.where(chosen, x, IGNORE)
+
+
+def mlm_seed(seed: int, step: int) -> int:  # distinct for every (seed, step < 1e6)
+    return 1_000_000 * seed + step
 
 
 def load_chars():
@@ -231,7 +263,9 @@ BASELINE = "paper Nero"
 
 
 def applies(bench: str, config: str) -> bool:
-    if config.startswith("nerofy tables") or config == "nerofy branch gain 1":
+    if config == "nerofy branch gain 1":  # pre-norm streams that start as table rows (BERT is post-norm)
+        return bench in ("charlm", "gpt2")
+    if config.startswith("nerofy tables"):
         return BENCHES[bench].tables
     if config == "nerofy gpt2 gelu-gain":
         return bench == "gpt2"
@@ -261,7 +295,10 @@ def budget(bench: Bench, a) -> tuple[int, int]:
 def train_batches(bench: Bench, total: int, seed: int):
     d = data_for(bench)
     if bench.lm:
-        yield from batches(d[0], total, bench.batch, CTX, 100 + seed)
+        crops = batches(d[0], total, bench.batch, CTX, 100 + seed)
+        if bench.task == "mlm":  # the same crops, masked; the next-byte targets are unused
+            crops = (mlm_mask(x, mlm_seed(seed, step)) for step, (x, _) in enumerate(crops, 1))
+        yield from crops
         return
     X, y = d[0], d[1]
     g = torch.Generator().manual_seed(seed)
@@ -279,8 +316,8 @@ def logits(model, x):
 
 
 def loss_fn(model, x, y):
-    z = logits(model, x)
-    return F.cross_entropy(z.flatten(0, -2), y.flatten())
+    z = logits(model, x)  # mlm: the mean over the targets that are not IGNORE
+    return F.cross_entropy(z.flatten(0, -2), y.flatten(), ignore_index=IGNORE)
 
 
 @torch.no_grad()
@@ -302,6 +339,8 @@ def run_one(name: str, config: str, schedule: str, seed: int, a, log) -> dict:
     total, every = budget(bench, a)
     if bench.lm:
         val, chance, higher = list(batches(d[1], VAL_BATCHES, bench.batch, CTX, 7)), math.log(d[2]), False
+        if bench.task == "mlm":  # a fixed masking: the same for every config and seed
+            val = [mlm_mask(x, mlm_seed(7, i)) for i, (x, _) in enumerate(val)]
         ex = (d[0][:CTX].unsqueeze(0),)
     else:
         val, chance, higher = (d[2], d[3]), 0.1, True
