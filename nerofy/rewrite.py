@@ -82,7 +82,7 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "signal", update: str 
 # unconstrained roles whose step scale is at least this (Nero's min_scale): a gain multiplies a
 # signal, so its unit is 1 whatever its init, and a zero- or tiny-initialised gain (zero-init last
 # BN, LayerScale at 1e-5) moves at lr per step, not lr * 0.01 or lr * 1e-5. Biases keep the paper's
-# scale: at least 1 they measured worse (tiny GPT-2 1.548 vs 1.500, depth-50 MLPs; docs/results.md)
+# scale: at least 1 they measured worse (tiny GPT-2 1.548 vs 1.499, depth-50 MLPs; docs/results.md)
 UNIT_STEP_ROLES = {"gain": 1.0}
 
 
