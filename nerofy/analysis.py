@@ -128,6 +128,9 @@ class Analyzer:
         self.param_shapes = param_shapes
         self.findings: list[Finding] = []
         self.where = ""  # set by the frontend before each call (node or module path)
+        # streams (by their tables) that met a sum whose other term no rule scales: none of their
+        # branches gets the factor, so the branches keep their mix (never half the blocks scaled)
+        self.broken_streams: set[frozenset] = set()
 
     # ---- sources ---------------------------------------------------------------------------
     def source(self, name: str) -> Derived:
@@ -392,6 +395,8 @@ class Analyzer:
                 return [self._view_act(op, first, args, kwargs, s) for s in out_shape]
             if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY and not isinstance(out_shape, list):
                 return _elementwise_act(acts, out_shape)  # where(mask, rows, fill): rows not first
+            if op in R.CONCATS and not isinstance(out_shape, list):  # cat([rows, shifted rows]): still their scale
+                return Act(out_shape, from_rows=any(a.rows_scale for a in acts))
             return self._plain(out_shape, True)
         sig = G.activation_signal(op, args, kwargs)
         if sig is not None:
@@ -425,16 +430,25 @@ class Analyzer:
         each branch enters at the stream's starting scale); the sum is that stream still."""
         out = _elementwise_act(acts, out_shape)
         streams = [a for a in acts if a.stream]
-        # a branch computed from the rows themselves (no norm between) is at their scale already
-        branches = [a for a in acts if a.producer and not a.rows_scale]
         if len(streams) == 2:  # token rows + position rows: one stream of both
             return replace(out, stream=streams[0].stream | streams[1].stream, from_rows=False)
-        if len(streams) == 1 and len(branches) == 1:
-            tables = tuple(sorted(streams[0].stream))
-            for p in sorted(branches[0].producer):
+        if len(streams) != 1 or len(acts) != 2:
+            return out
+        key = streams[0].stream
+        other = acts[1] if acts[0] is streams[0] else acts[0]
+        if other.producer and not other.rows_scale and key not in self.broken_streams:
+            tables = tuple(sorted(key))
+            for p in sorted(other.producer):
                 self.findings.append(Finding(p, "stream", op="add", where=self.where, frontend=self.frontend,
                                              reason="output added to a residual stream of table rows", stream=tables))
-            return replace(out, stream=streams[0].stream, from_rows=False)
+            return replace(out, stream=key, from_rows=False)
+        # a term no rule scales (a routed mixture of experts, an opaque module, something computed
+        # from the rows without a norm, so at a scale of its own): the stream's branches keep their
+        # gains, all of them
+        self.broken_streams.add(key)
+        for f in self.findings:
+            if f.role == "stream" and frozenset(f.stream) == key:
+                f.stream = ()
         return out
 
     @staticmethod

@@ -276,7 +276,7 @@ class PreNorm(nn.Module):
     """Pre-norm blocks on token rows + position rows (the tokens' stream), a post-norm block, and a
     stream that starts scaled (so no longer at the rows' scale)."""
 
-    def __init__(self, d=16, t=6, post=False, scaled=False):
+    def __init__(self, d=16, t=6, post=False, scaled=False, routed=False):
         super().__init__()
         self.tok = nn.Embedding(20, d)
         self.pos = nn.Parameter(torch.randn(1, t, d) * 0.02)
@@ -284,7 +284,8 @@ class PreNorm(nn.Module):
         self.attn, self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
         self.drop = nn.Dropout(0.0)
         self.head = nn.Linear(d, 20)
-        self.post, self.scaled = post, scaled
+        self.router = nn.Linear(d, 2)
+        self.post, self.scaled, self.routed = post, scaled, routed
 
     def forward(self, idx):
         x = self.tok(idx) + self.pos[:, : idx.shape[1]]
@@ -294,7 +295,10 @@ class PreNorm(nn.Module):
             x = self.ln1(x + self.attn(x))  # post-norm: the sum is normalised, the stream restarts at rms 1
         else:
             x = x + self.drop(self.attn(self.ln1(x)))
-        x = x + self.fc2(F.relu(self.fc1(self.ln2(x))))
+        h = self.fc2(F.relu(self.fc1(self.ln2(x))))
+        if self.routed:  # weighted by a router, as a mixture of experts combines: no rule scales it
+            h = torch.softmax(self.router(self.ln2(x)), -1)[..., :1] * h
+        x = x + h
         return self.head(self.ln3(x))
 
 
@@ -315,8 +319,10 @@ def test_residual_branches_enter_at_the_scale_of_the_rows_their_stream_starts_as
         assert plan[name].stream == () and plan[name].signal_gain() == 1.0
 
 
-@pytest.mark.parametrize("kind", ["post", "scaled"])
+@pytest.mark.parametrize("kind", ["post", "scaled", "routed"])
 def test_no_stream_factor_where_the_stream_is_not_at_the_rows_scale(kind):
+    """Post-norm and scaled streams are not at the rows' scale; a stream that also takes a term no
+    rule scales (routed) keeps every branch's gain, so the branches keep their mix."""
     plan = nerofy.plan(PreNorm(**{kind: True}), _idx())
     assert plan["fc2.weight"].stream == () and plan["fc2.weight"].signal_gain() == pytest.approx(HE)
     assert plan["attn.weight"].signal_gain() == 1.0
