@@ -277,6 +277,9 @@ class Nero(torch.optim.Optimizer):
             gradient; every other neuron steps normally, and a warning is logged. This costs one
             host sync per step; set False to skip the check (non-finite gradients then poison the
             weights, as with other optimizers).
+        weight_decay: accepted so that optimizer factories (timm's ``create_optimizer_v2``, param
+            groups built the torch way) can pass it, but only 0: Nero has no weight decay (a
+            balanced neuron's norm is fixed). Anything else, here or in a param group, is an error.
 
     State, per parameter: ``step`` (its own counter, so a parameter that starts training late
     gets the right bias correction), ``v`` (fp32, one value per neuron; per element for
@@ -296,7 +299,9 @@ class Nero(torch.optim.Optimizer):
         foreach: bool | None = None,
         skip_nonfinite: bool = True,
         fused: bool | None = None,
+        weight_decay: float = 0.0,
     ):
+        _check_weight_decay(weight_decay)
         _check_hparams(lr, beta, eps, scale_floor, min_scale)
         defaults = dict(
             lr=lr, beta=beta, layout=_parse_layout(layout), eps=eps, scale_floor=scale_floor, min_scale=min_scale,
@@ -321,6 +326,7 @@ class Nero(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        _check_weight_decay(param_group.get("weight_decay", 0.0))
         if "layout" in param_group:
             param_group["layout"] = _parse_layout(param_group["layout"])
         _check_hparams(param_group.get("lr", self.defaults["lr"]), param_group.get("beta", self.defaults["beta"]),
@@ -463,6 +469,14 @@ def _as_list(x, what: str) -> list:
     except TypeError:
         raise ValueError(f"Nero's {what} must be an iterable of tensors or parameter groups, got "
                          f"{type(x).__name__}: pass model.parameters()") from None
+
+
+def _check_weight_decay(wd) -> None:
+    if isinstance(wd, (int, float)) and not isinstance(wd, bool) and wd == 0:
+        return
+    raise ValueError(f"Nero has no weight decay (a balanced neuron keeps a fixed norm; the paper uses none): got "
+                     f"weight_decay={wd!r}. Pass weight_decay=0, or leave it out (timm: create_optimizer_v2(..., "
+                     "weight_decay=0)).")
 
 
 def _check_hparams(lr, beta, eps, scale_floor, min_scale=0.0):

@@ -906,3 +906,20 @@ def test_tensor_lr_is_either_rejected_or_works(path):
 def test_non_iterable_params_raise_value_error(params):
     with pytest.raises(ValueError):
         Nero(params)
+
+
+def test_weight_decay_zero_is_accepted_anything_else_is_one_clear_error():
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(torch.zeros(4))
+    opt = Nero([{"params": [w], "weight_decay": 0.0}, {"params": [b], "weight_decay": 0}], weight_decay=0.0, foreach=True)
+    w.grad, b.grad = torch.ones_like(w), torch.ones_like(b)
+    opt.step()  # factories' keywords and group keys at 0 change nothing
+    assert opt.state[w]["step"] == 1
+    for bad in (1e-4, 0.05, True, "0"):
+        with pytest.raises(ValueError, match="Nero has no weight decay") as err:
+            Nero([w], weight_decay=bad)
+        assert "weight_decay=0" in str(err.value)
+    with pytest.raises(ValueError, match="Nero has no weight decay"):
+        Nero([{"params": [w], "weight_decay": 0.01}])
+    with pytest.raises(ValueError, match="Nero has no weight decay"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.1})
