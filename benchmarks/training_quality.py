@@ -39,8 +39,8 @@ Configurations (``--configs``; each gets the plain model built right after torch
   nerofy tables balanced ... balanced=True         (both only on benches that have such tables)
   nerofy gpt2 gelu-gain  gpt2 only, an experiment: mlp.c_proj gets the tanh-GELU gain (1/rms) that the plan
                          cannot find (HF writes gelu_new from elementary ops), times its residual-stream factor
-  nerofy paper step-scale  ablation: gains and biases step at the paper's scale (initial mean magnitude, 0.01
-                         where zero) instead of at least lr (wrap's default)
+  nerofy paper step-scale  ablation: ... min_scale=0: gains step at the paper's scale (initial mean
+                         magnitude, 0.01 where zero) instead of at least lr (wrap's default)
   nerofy branch gain 1   ablation: residual branches without the residual-stream factor (their signal gain
                          only; the library's default before that rule)
   paper Nero             pytorch_optimizer.Nero(model.parameters(), lr=0.01) on the plain model. Its
@@ -206,15 +206,6 @@ def _gpt2_gelu_gain(model, ex):
     return nerofy.wrap(model, plan=plan, lr=0.01)
 
 
-def _paper_step_scale(model, ex):
-    """Ablation: gains and biases step at the paper's scale (their initial mean magnitude, 0.01
-    where that is 0), not at least lr (wrap's min_scale 1 for those roles)."""
-    model, opt = nerofy.wrap(model, lr=0.01, example_inputs=ex)
-    for g in opt.param_groups:
-        g["min_scale"] = 0.0
-    return model, opt
-
-
 def _branch_gain_1(model, ex):
     """Ablation: residual branches at their signal gain alone (no residual-stream factor)."""
     plan = nerofy.plan(model, ex)
@@ -252,7 +243,7 @@ CONFIGS = {
     "nerofy tables balanced": _tables(True),
     "nerofy gpt2 gelu-gain": _gpt2_gelu_gain,
     "nerofy branch gain 1": _branch_gain_1,
-    "nerofy paper step-scale": _paper_step_scale,
+    "nerofy paper step-scale": _wrap(min_scale=0.0),  # gains at the paper's step scale
     "paper Nero": _paper_nero,
     "nerofy.Nero dim0": _nerofy_nero,
     "AdamW default": _torch(torch.optim.AdamW, 1e-3),

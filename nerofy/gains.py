@@ -122,7 +122,8 @@ BINARY_FNS: dict[str, Callable] = {"add": torch.add, "sub": torch.sub, "mul": to
 LINEAR_OPS = {"add", "sub", "neg"}  # with numbers: affine, no nonlinearity of their own (mul/div by a number too)
 
 
-def _grid() -> tuple[torch.Tensor, torch.Tensor]:
+@lru_cache(maxsize=1)
+def _grid() -> tuple[torch.Tensor, torch.Tensor]:  # read only: shared by every quadrature
     z = torch.linspace(-12.0, 12.0, 48001, dtype=torch.float64)
     return z, torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi) * (z[1] - z[0])
 

@@ -488,5 +488,9 @@ def _check_hparams(lr, beta, eps, scale_floor, min_scale=0.0):
         raise ValueError(f"Invalid eps {eps!r}: it must be > 0")
     if not (scale_floor > 0.0):
         raise ValueError(f"Invalid scale_floor {scale_floor!r}: it must be > 0")
+    check_min_scale(min_scale)
+
+
+def check_min_scale(min_scale) -> None:
     if not (isinstance(min_scale, (int, float)) and 0.0 <= min_scale < math.inf):
         raise ValueError(f"Invalid min_scale {min_scale!r}: it must be a finite number >= 0 (0: the paper's scale)")

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from .balanced import GRAD_MODES, Balanced, balance, is_balanced
 from .layout import NeuronLayout
-from .optim import Nero
+from .optim import Nero, check_min_scale
 from .plan import Plan, make_plan
 from .scale import SCALE_MODES, init_scale
 
@@ -112,8 +112,8 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
         raise ValueError(f"{type(model).__name__} is already wrapped by nerofy; wrapping twice would stack "
                          "constraints. Use the optimizer you got the first time, or nerofy.bake(model) first.")
     unit = nero_options.pop("min_scale", None)
-    if unit is not None and not (isinstance(unit, (int, float)) and 0.0 <= unit < float("inf")):
-        raise ValueError(f"Invalid min_scale {unit!r}: it must be a finite number >= 0 (0: the paper's scale)")
+    if unit is not None:
+        check_min_scale(unit)  # before the model is touched
     if plan is None:
         plan = make_plan(model, example_inputs)
     for w in plan.warnings:
