@@ -249,9 +249,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def plain_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
     """Rename nerofy-wrapped keys (``x.parametrizations.weight.original``) to plain ones
-    (``x.weight``) and drop the parametrizations' own state (``...weight.0._extra_state`` or an
-    older ``...weight.0.scale`` buffer), folding a gain into the weight. The stored tensors are already balanced (Nero re-projects them after
-    every step), so the plain weight is ``scale * original`` and wrapping again reproduces it.
+    (``x.weight``) and drop the parametrizations' own state (``...weight.0._extra_state``, a 0-dim
+    tensor or an older dict, or an older ``...weight.0.scale`` buffer), folding a gain into the
+    weight. The stored tensors are already balanced (Nero re-projects them after every step), so
+    the plain weight is ``scale * original`` and wrapping again reproduces it. (A checkpoint read
+    from disk has no model to project it: nerofy.export_state_dict does that for a live model.)
     Returns (state_dict, how many were renamed)."""
     out, scales, n = {}, {}, 0
     for k, v in sd.items():
@@ -266,8 +268,10 @@ def plain_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], in
             sc = None
             if m.group(4) == "scale" and isinstance(v, torch.Tensor) and v.numel() == 1:
                 sc = float(v)
-            elif m.group(4) == "_extra_state" and isinstance(v, dict) and "scale" in v:
+            elif m.group(4) == "_extra_state" and isinstance(v, dict) and "scale" in v:  # before the gain was a tensor
                 sc = float(v["scale"])
+            elif m.group(4) == "_extra_state" and isinstance(v, torch.Tensor) and v.numel() == 1:
+                sc = float(v)
             if sc is not None:
                 key = f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)
                 scales[key] = scales.get(key, 1.0) * sc

@@ -48,16 +48,21 @@ class Balanced(nn.Module):
         if grad not in GRAD_MODES:
             raise ValueError(f"unknown grad mode {grad!r}; choose from {', '.join(GRAD_MODES)}")
         self.layout = layout
-        # a fixed per-layer gain (1 = the paper's unit norm). A Python float saved as extra state:
-        # checkpoints keep it, and meta -> to_empty() cannot leave it uninitialised as a buffer.
+        # a fixed per-layer gain (1 = the paper's unit norm), saved as extra state: a Python float
+        # here (meta -> to_empty() cannot leave it uninitialised, as it would a buffer), a 0-dim
+        # float64 tensor in state_dicts (safetensors, HF, accelerate and DCP take tensors only)
         self.scale = float(scale)
         self.grad = grad  # a training choice, like the optimizer's: not saved in checkpoints
 
-    def get_extra_state(self):
-        return {"scale": self.scale}
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor(self.scale, dtype=torch.float64)
 
     def set_extra_state(self, state) -> None:
-        self.scale = float(state["scale"])
+        if isinstance(state, dict):  # checkpoints written before the gain became a tensor
+            state = state["scale"]
+        if isinstance(state, Tensor) and state.numel() != 1:
+            raise ValueError(f"a balanced layer's gain must be one number, got a tensor of shape {tuple(state.shape)}")
+        self.scale = float(state)
 
     def forward(self, v: Tensor) -> Tensor:
         if not self.layout.normalize:

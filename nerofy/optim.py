@@ -79,6 +79,15 @@ def _resolve(spec: NeuronLayout | str, shape: tuple[int, ...]) -> NeuronLayout:
     return spec
 
 
+def _layout_of(p: Tensor, group: dict) -> NeuronLayout:
+    """A group's layout for ``p``; in an "auto" group, the layout ``nerofy.wrap`` gave the tensor
+    (it carries it: GPT-2's (in, out) weights are not rows) before the paper's rule."""
+    spec = group["layout"]
+    if spec == "auto":
+        spec = getattr(p, "_nerofy_layout", spec)
+    return _resolve(spec, tuple(p.shape))
+
+
 # ---------------------------------------------------------------------------------------------
 # the update, over lists of tensors
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +258,10 @@ class Nero(torch.optim.Optimizer):
             ``layout``.
         lr: the angle (radians) each balanced neuron turns per step. Default 0.01.
         beta: decay of the per-neuron second-moment estimate, in [0, 1). Default 0.999.
-        layout: how a group's tensors split into neurons. ``"auto"`` (default) follows the paper:
-            every tensor with ``dim > 1`` (and fan-in > 1) is balanced along axis 0, everything else
-            is updated per element, unconstrained. A :class:`NeuronLayout` applies to every tensor
+        layout: how a group's tensors split into neurons. ``"auto"`` (default): a tensor of a
+            model wrapped by nerofy gets the layout (and least step scale) ``wrap`` gave it;
+            any other follows the paper: every tensor with ``dim > 1`` (and fan-in > 1) is balanced
+            along axis 0, everything else is updated per element, unconstrained. A :class:`NeuronLayout` applies to every tensor
             of the group (``nerofy.wrap`` builds one group per layout). A constrained layout on a
             fan-in-1 tensor falls back to per-element updates, with a logged warning.
         eps: floor of ``sqrt(v_hat)``; a zero gradient gives a zero step, never NaN.
@@ -360,7 +370,10 @@ class Nero(torch.optim.Optimizer):
             m = mags.mean() if mags.numel() else torch.zeros(())
             if hasattr(m, "full_tensor"):  # a sharded (DTensor) parameter: the global mean, same on every rank
                 m = m.full_tensor()
-            s = max(float(m), group.get("min_scale", 0.0))  # groups from older checkpoints lack it
+            least = group.get("min_scale", 0.0)  # groups from older checkpoints lack it
+            if group["layout"] == "auto":
+                least = max(least, getattr(p, "_nerofy_min_scale", 0.0))  # as nerofy.wrap gave it
+            s = max(float(m), least)
             if not math.isfinite(s) or s <= 0.0:
                 s = group["scale_floor"]
         st["step"] = 0
@@ -380,7 +393,7 @@ class Nero(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Nero does not support sparse gradients (use a dense embedding)")
-                lay = _resolve(group["layout"], tuple(p.shape))
+                lay = _layout_of(p, group)
                 st = self.state[p] if self.state.get(p) else self._init_state(p, lay, group)
                 st["step"] += 1
                 if p.dtype in _LOW_PRECISION:
@@ -434,7 +447,7 @@ class Nero(torch.optim.Optimizer):
         """Project every constrained parameter onto the balanced set now (e.g. after loading)."""
         for group in self.param_groups:
             for p in group["params"]:
-                lay = _resolve(group["layout"], tuple(p.shape))
+                lay = _layout_of(p, group)
                 if lay.constrained and not lay.elementwise:
                     w = p.detach().float() if p.dtype in _LOW_PRECISION else p.detach()
                     wv, d = lay.neuron_view(w)
@@ -450,14 +463,19 @@ class Nero(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = {k: dict(v) for k, v in state_dict["state"].items()}
+        """Load state as ``torch.optim.Optimizer`` does: the saved groups' parameters map onto this
+        optimizer's by order, whatever they are keyed by (indices, or the parameter names that
+        ``torch.distributed.checkpoint`` uses). Nero's state stays fp32 whatever the parameters' dtype."""
         sd = dict(state_dict)
         sd["param_groups"] = [dict(g, layout=_parse_layout(g.get("layout", "auto"))) for g in state_dict["param_groups"]]
         super().load_state_dict(sd)
+        saved_ids = [k for g in state_dict["param_groups"] for k in g["params"]]
+        id_map = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         # torch casts state to each parameter's dtype; Nero keeps its state in fp32
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, st in saved.items():
-            p = params[idx]
+        for key, st in state_dict["state"].items():
+            p = id_map.get(key)
+            if p is None:
+                continue
             for k, v in st.items():
                 if isinstance(v, Tensor):
                     self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)

@@ -1,7 +1,12 @@
 """Apply a plan: balanced parametrizations in place, a matching Nero, and the way back (bake)."""
 from __future__ import annotations
 
+import copy
+import difflib
+import fnmatch
+import inspect
 import logging
+import types
 from collections import defaultdict
 
 import torch
@@ -9,6 +14,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .balanced import GRAD_MODES, Balanced, balance, is_balanced
+from .export import load_plain_weights, route_save_pretrained, unroute_save_pretrained
 from .layout import NeuronLayout
 from .optim import Nero, check_min_scale
 from .plan import Plan, make_plan
@@ -18,6 +24,7 @@ log = logging.getLogger("nerofy")
 
 _PLAN_ATTR = "_nerofy_plan"
 _ORDER_ATTR = "_nerofy_param_order"
+_OPTS_ATTR = "_nerofy_options"
 
 
 def _aliases(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
@@ -86,7 +93,7 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "signal", update: str 
 UNIT_STEP_ROLES = {"gain": 1.0}
 
 
-def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "signal",
+def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "signal",
          update: str = "paper", **nero_options):
     """Plan (unless given), rewrite ``model`` in place as a balanced network, and return
     ``(model, optimizer)`` with a :class:`Nero` whose param groups match the plan.
@@ -102,6 +109,13 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
     ``lr * 0.01`` per step, and a LayerScale at 1e-5 never. ``min_scale=`` sets that least scale
     (0: the paper's scale, the initial mean magnitude alone).
 
+    ``lr``: the angle per step, or a dict of parameter-name patterns (fnmatch over the plan's names,
+    first match wins) to learning rates, ``"*"`` the default: ``lr={"lm_head.*": 1e-3, "*": 0.01}``.
+
+    Every tensor the optimizer updates carries its layout and least step scale, so a Nero built
+    another way (``Nero(model.parameters())``, torch-style groups, ``add_param_group``, an optimizer
+    factory) updates it as this one does; :func:`param_groups` gives wrap's groups again.
+
     Wrapping an already wrapped model raises ValueError (constraints never stack). Frozen
     parameters are left alone and are not given to the optimizer; unfreezing one later needs a new
     optimizer (or ``optimizer.add_param_group``).
@@ -110,70 +124,191 @@ def wrap(model: nn.Module, lr: float = 0.01, plan: Plan | None = None, example_i
         raise ValueError(f"nerofy.wrap needs a torch.nn.Module, got {type(model).__name__}")
     if is_wrapped(model):
         raise ValueError(f"{type(model).__name__} is already wrapped by nerofy; wrapping twice would stack "
-                         "constraints. Use the optimizer you got the first time, or nerofy.bake(model) first.")
+                         "constraints. Use the optimizer you got the first time (or nerofy.Nero(nerofy.param_groups("
+                         "model))), or nerofy.bake(model) first. In a framework hook that runs on every fit "
+                         "(Lightning's configure_optimizers), wrap once in __init__ instead.")
     unit = nero_options.pop("min_scale", None)
     if unit is not None:
         check_min_scale(unit)  # before the model is touched
+    lrs = _check_lr(lr)
     if plan is None:
         plan = make_plan(model, example_inputs)
     for w in plan.warnings:
         log.warning("nerofy: %s", w)
+    if isinstance(lrs, dict):
+        _match_lr(lrs, _names(model, plan))  # a pattern matching nothing fails before the rewrite
+    _warn_if_in_lightning_hook(model)
     targets = apply_plan(model, plan, scale, update)
-    groups: dict[tuple, list] = defaultdict(list)
     for e in plan:
         lay = e.layout()
-        if lay is None:
-            continue
-        least = UNIT_STEP_ROLES.get(e.role, 0.0)
-        groups[lay, least if unit is None or not least else unit].append(targets[e.name])
+        if lay is not None:
+            # the tensor carries its layout and least step scale: Nero groups built the torch way
+            # (model.parameters(), [{"params": head.parameters(), "lr": ...}], add_param_group, an
+            # optimizer factory) then treat it as wrap's optimizer does
+            _carry(targets[e.name], lay, _least_scale(e.role, unit))
     _install_hooks(model)
     object.__setattr__(model, _PLAN_ATTR, plan)
-    opt = Nero([{"params": ps, "layout": lay, **({"min_scale": ms} if ms else {})}
-                for (lay, ms), ps in groups.items()], lr=lr, **nero_options)
+    object.__setattr__(model, _OPTS_ATTR, {"lr": lrs, "min_scale": unit})
+    opt = Nero(param_groups(model), lr=lrs if not isinstance(lrs, dict) else lrs.get("*", DEFAULT_LR), **nero_options)
     return model, opt
 
 
-def _load_plain_weights(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                        error_msgs) -> None:
-    """Load-state-dict pre-hook: plain ``weight`` keys load into a wrapped model, projected.
+DEFAULT_LR = 0.01
 
-    A module-level function bound through ``with_module=True`` (not a closure), so a wrapped model
-    deep-copies and pickles cleanly and a copy's hook points at the copy."""
-    projected = 0
-    for mname, m in module.named_modules():
-        if not parametrize.is_parametrized(m):
+
+def _least_scale(role: str, unit: float | None) -> float:
+    least = UNIT_STEP_ROLES.get(role, 0.0)
+    return least if unit is None or not least else unit
+
+
+def _carry(t: torch.Tensor, lay: NeuronLayout, least: float) -> None:
+    t._nerofy_layout = lay
+    t._nerofy_min_scale = least
+
+
+def carried(t: torch.Tensor) -> tuple[NeuronLayout, float] | None:
+    """The (layout, least step scale) ``wrap`` gave tensor ``t``, or None."""
+    lay = getattr(t, "_nerofy_layout", None)
+    return None if lay is None else (lay, getattr(t, "_nerofy_min_scale", 0.0))
+
+
+def _check_lr(lr):
+    if isinstance(lr, dict):
+        if not lr:
+            raise ValueError("wrap(lr={}) names no learning rate: give a float, or {'pattern': lr, ..., '*': default}")
+        for k, v in lr.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"wrap(lr=...) maps parameter-name patterns (fnmatch, e.g. 'lm_head.*') to learning "
+                                 f"rates >= 0; got {k!r}: {v!r}")
+        return dict(lr)
+    return lr
+
+
+def _plain_name(n: str) -> str:
+    return n.replace(".parametrizations.", ".").removeprefix("parametrizations.").removesuffix(".original")
+
+
+def _names(model: nn.Module, plan: Plan) -> dict[str, list[str]]:
+    """Each trainable plan entry's name and the names of its tied aliases (``lm_head.weight`` for
+    GPT-2's token table), plain either way: lr patterns may name any of them."""
+    by_id: dict[int, list[str]] = defaultdict(list)
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id[id(p)].append(_plain_name(n))
+    params = {_plain_name(n): p for n, p in model.named_parameters()}
+    return {e.name: by_id.get(id(params.get(e.name)), [e.name]) for e in plan if e.layout() is not None}
+
+
+def _match_lr(lrs: dict, names: dict[str, list[str]]) -> dict[str, float]:
+    """entry -> lr for every entry a pattern of ``lrs`` matches under one of its names (the first
+    matching pattern wins, '*' is the default). A pattern that matches nothing is an error (a typo
+    would silently do nothing)."""
+    out, used = {}, set()
+    pats = [k for k in lrs if k != "*"]
+    for entry, aliases in names.items():
+        for k in pats:
+            if any(fnmatch.fnmatchcase(n, k) for n in aliases):
+                out[entry] = float(lrs[k])
+                used.add(k)
+                break
+    unused = [k for k in pats if k not in used]
+    if unused:
+        every = [n for a in names.values() for n in a]
+        close = difflib.get_close_matches(unused[0], every, n=3, cutoff=0.3)
+        raise ValueError(f"wrap(lr=...): the pattern {unused[0]!r} matches no trainable parameter (patterns are fnmatch "
+                         "globs over parameter names such as 'lm_head.*' or '*.attn.*')"
+                         + (f"; close names: {', '.join(close)}" if close else ""))
+    return out
+
+
+def _optimizer_tensors(model: nn.Module, plan: Plan):
+    """(plan entry, the tensor the optimizer updates) for every entry with a layout."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for e in plan:
+        if e.layout() is None:
             continue
-        for attr, plist in m.parametrizations.items():
-            if not any(isinstance(pz, Balanced) for pz in plist):
-                continue
-            base = f"{prefix}{mname}." if mname else prefix
-            plain, orig = f"{base}{attr}", f"{base}parametrizations.{attr}.original"
-            if plain in state_dict and orig not in state_dict:
-                w = state_dict.pop(plain)
-                with torch.no_grad():
-                    for pz in reversed(list(plist)):
-                        w = pz.right_inverse(w)
-                state_dict[orig] = w
-                # a plain checkpoint has no gains: keep the wrapped model's own
-                for i, pz in enumerate(plist):
-                    key = f"{base}parametrizations.{attr}.{i}._extra_state"
-                    if key not in state_dict and hasattr(pz, "get_extra_state"):
-                        state_dict[key] = pz.get_extra_state()
-                projected += 1
-    if projected:
-        log.info("nerofy: loaded %d plain weights into a wrapped model; they were projected onto the "
-                 "balanced set, which changes the function unless they were balanced already", projected)
+        mod, _, attr = e.name.rpartition(".")
+        t = params.get(f"{mod + '.' if mod else ''}parametrizations.{attr}.original") if e.constrained else None
+        t = t if t is not None else params.get(e.name)
+        if t is None:
+            raise ValueError(f"{e.name} of the plan is not a parameter of the model any more; was the model changed "
+                             "after wrapping?")
+        yield e, t
+
+
+def _deepcopy_wrapped(self, memo):
+    """``copy.deepcopy`` of a wrapped model (an instance attribute, so the class is untouched):
+    nn.Parameter's deepcopy drops tensor attributes, so the copy's tensors get their carried
+    layouts again (timm's ModelEma, a copy trained with ``Nero(copy.parameters())``)."""
+    fn = self.__dict__.pop("__deepcopy__")
+    try:
+        new = copy.deepcopy(self, memo)
+    finally:
+        self.__dict__["__deepcopy__"] = fn
+    plan = wrapped_plan(new)
+    if plan is not None:
+        unit = getattr(new, _OPTS_ATTR, {}).get("min_scale")
+        for e, t in _optimizer_tensors(new, plan):
+            _carry(t, e.layout(), _least_scale(e.role, unit))
+        new.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_wrapped, new)
+    return new
+
+
+def param_groups(model: nn.Module, lr=None, min_scale: float | None = None) -> list[dict]:
+    """Nero's param groups for a model wrapped by nerofy: one per (layout, least step scale, lr),
+    as ``wrap`` builds them, from the model as it is now. Use it to build Nero again where the
+    parameters were replaced (after FSDP2's ``fully_shard``, on a deep copy) or in a framework hook
+    (Lightning's ``configure_optimizers``): ``Nero(nerofy.param_groups(model))``.
+
+    ``lr`` / ``min_scale``: as in ``wrap`` (default: what ``wrap`` was given). A group gets an
+    ``lr`` key only where a pattern of ``lr={...}`` set one."""
+    plan = wrapped_plan(model)
+    if plan is None:
+        raise ValueError(f"{type(model).__name__} is not wrapped by nerofy: call nerofy.wrap(model) first "
+                         "(it returns the optimizer too)")
+    opts = getattr(model, _OPTS_ATTR, {})
+    lrs = _check_lr(opts.get("lr") if lr is None else lr)
+    unit = opts.get("min_scale") if min_scale is None else min_scale
+    if unit is not None:
+        check_min_scale(unit)
+    by_name = _match_lr(lrs, _names(model, plan)) if isinstance(lrs, dict) else {}
+    groups: dict[tuple, list] = defaultdict(list)
+    for e, t in _optimizer_tensors(model, plan):
+        if t.requires_grad:
+            groups[e.layout(), _least_scale(e.role, unit), by_name.get(e.name)].append(t)
+    return [{"params": ps, "layout": lay, **({"min_scale": ms} if ms else {}), **({"lr": g_lr} if g_lr is not None else {})}
+            for (lay, ms, g_lr), ps in groups.items()]
+
+
+def _warn_if_in_lightning_hook(model: nn.Module) -> None:
+    """Lightning restores a checkpoint's weights before it calls ``configure_optimizers``: a model
+    wrapped there cannot resume (the plain model meets the wrapped keys) nor fit twice."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        owner = frame.f_locals.get("self") if frame.f_code.co_name == "configure_optimizers" else None
+        if (isinstance(owner, nn.Module) and getattr(owner, "_trainer", None) is not None
+                and any(m is model for m in owner.modules())):  # the LightningModule or a part of it
+            log.warning("nerofy: wrap() inside a LightningModule's configure_optimizers: Lightning loads checkpoints "
+                        "before it calls that hook, so resuming this run will fail on the wrapped keys, and a second "
+                        "fit() would wrap twice. Wrap in __init__ and return nerofy.Nero(nerofy.param_groups(self)) "
+                        "from configure_optimizers (docs/frameworks.md, Lightning).")
+            return
+        frame = frame.f_back
 
 
 def _install_hooks(model: nn.Module) -> None:
-    """Let plain checkpoints (``weight`` keys) load into the wrapped model (projected)."""
-    model._register_load_state_dict_pre_hook(_load_plain_weights, with_module=True)
+    """Let plain checkpoints (``weight`` keys) load into the wrapped model (nerofy.export), and
+    ``save_pretrained`` write the plain export."""
+    model._register_load_state_dict_pre_hook(load_plain_weights, with_module=True)
+    route_save_pretrained(model)
+    model.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_wrapped, model)
 
 
 def _remove_hooks(model: nn.Module) -> None:
     for k, h in list(model._load_state_dict_pre_hooks.items()):
-        if getattr(h, "hook", h) is _load_plain_weights:
+        if getattr(h, "hook", h) is load_plain_weights:
             del model._load_state_dict_pre_hooks[k]
+    unroute_save_pretrained(model)
+    model.__dict__.pop("__deepcopy__", None)
 
 
 def _own_class(m: nn.Module) -> None:
@@ -219,7 +354,7 @@ def bake(model: nn.Module) -> nn.Module:
         for k in keys + [k for k in items if k not in keys]:
             m._parameters[k] = items[k]
     _remove_hooks(model)
-    for attr in (_PLAN_ATTR, _ORDER_ATTR):
+    for attr in (_PLAN_ATTR, _ORDER_ATTR, _OPTS_ATTR):
         if hasattr(model, attr):
             object.__delattr__(model, attr)
     if not done:
@@ -245,4 +380,4 @@ def plan(model: nn.Module, example_inputs=None, frontends=None) -> Plan:
     return make_plan(model, example_inputs) if frontends is None else make_plan(model, example_inputs, tuple(frontends))
 
 
-__all__ = ["wrap", "plan", "bake", "apply_plan", "is_wrapped", "wrapped_plan"]
+__all__ = ["wrap", "plan", "bake", "apply_plan", "is_wrapped", "wrapped_plan", "param_groups"]

@@ -5,7 +5,9 @@ Two gloo processes on 127.0.0.1 (a free port, bounded time), CPU only:
 * DDP stays in sync (parameters and Nero state identical on both ranks) and matches a
   single-process run on the same global batch;
 * FSDP2 (``fully_shard``) trains with Nero's per-neuron state sharded with the weights (each rank
-  holds the state of its own neurons only) and matches the single-process run.
+  holds the state of its own neurons only) and matches the single-process run;
+* torch.distributed.checkpoint (get_state_dict / dcp.save / dcp.load / set_state_dict, flattened
+  optimizer state keyed by parameter name) of FSDP2 + Nero halfway resumes to the uninterrupted run.
 
 This file is also the worker: ``python tests/test_distributed.py MODE RANK WORLD PORT OUT``.
 """
@@ -45,16 +47,16 @@ def _data():
     return torch.randn(GLOBAL_BATCH, 3, 6, 6, generator=g), torch.randint(0, 4, (GLOBAL_BATCH,), generator=g)
 
 
-def _wrapped(**kw):
+def _wrapped(seed=0, **kw):
     import nerofy
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return nerofy.wrap(Net(), **kw)
 
 
-def _train(model, opt, x, y):
+def _train(model, opt, x, y, steps=STEPS):
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -63,16 +65,17 @@ def _train(model, opt, x, y):
     return losses
 
 
-def _rebuild_nero(model, opt, shard, **kw):
-    """FSDP2 replaces every parameter by a sharded DTensor parameter: the Nero from wrap holds the
-    old tensors. Rebuild it with the same groups (by name) after sharding."""
+def _sharded(seed=0, **kw):
+    """A wrapped Net under FSDP2. fully_shard replaces every parameter by a sharded DTensor one, so
+    the Nero from wrap holds the old tensors: build it again from the model (docs/frameworks.md)."""
     import nerofy
+    from torch.distributed.fsdp import fully_shard
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    groups = [(g["layout"], [names[id(p)] for p in g["params"]]) for g in opt.param_groups]
-    shard()
-    params = dict(model.named_parameters())
-    return nerofy.Nero([{"params": [params[n] for n in ns], "layout": lay} for lay, ns in groups], **kw)
+    m, _ = _wrapped(seed)
+    for sub in (m.conv, m.fc, m.head):
+        fully_shard(sub)
+    fully_shard(m)
+    return m, nerofy.Nero(nerofy.param_groups(m), **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,22 +100,33 @@ def _worker(mode: str, rank: int, world: int, port: int, out: str) -> None:
         res["ddp_params"] = {n: p.detach().clone() for n, p in m.named_parameters()}
         res["ddp_v"] = [opt.state[p]["v"].clone() for g in opt.param_groups for p in g["params"]]
     if mode in ("fsdp", "all", "fsdp_foreach"):
-        from torch.distributed.fsdp import fully_shard
-
-        m, opt = _wrapped()
-
-        def shard():
-            for sub in (m.conv, m.fc, m.head):
-                fully_shard(sub)
-            fully_shard(m)
-
-        opt = _rebuild_nero(m, opt, shard, fused=False if mode == "fsdp_foreach" else None)
+        m, opt = _sharded(fused=False if mode == "fsdp_foreach" else None)
         res["fsdp_losses"] = _train(m, opt, xs, ys)
         res["fsdp_params"] = {n: p.full_tensor().detach().clone() for n, p in m.named_parameters()}
         res["fsdp_state"] = {n: (tuple(p.shape), tuple(opt.state[p]["v"].shape),
                                  tuple(opt.state[p]["v"].to_local().shape), str(opt.state[p]["v"].placements))
                              for n, p in m.named_parameters()}
         res["fsdp_scale"] = {n: opt.state[p]["scale"] for n, p in m.named_parameters()}
+        res["fsdp_v"] = {n: opt.state[p]["v"].full_tensor().clone() for n, p in m.named_parameters()}
+    if mode in ("dcp", "all"):
+        # torch.distributed.checkpoint of the FSDP2 model and Nero halfway, resumed in a fresh
+        # (differently initialised) pair: DCP keys optimizer state by parameter name
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        flat = StateDictOptions(flatten_optimizer_state_dict=True)
+        m1, opt1 = _sharded()
+        _train(m1, opt1, xs, ys, STEPS // 2)
+        msd, osd = get_state_dict(m1, opt1, options=flat)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=os.path.join(out, "dcp"))
+        m2, opt2 = _sharded(seed=7)
+        msd2, osd2 = get_state_dict(m2, opt2, options=flat)
+        dcp.load({"model": msd2, "optim": osd2}, checkpoint_id=os.path.join(out, "dcp"))
+        set_state_dict(m2, opt2, model_state_dict=msd2, optim_state_dict=osd2, options=flat)
+        _train(m2, opt2, xs, ys, STEPS - STEPS // 2)
+        res["dcp_params"] = {n: p.full_tensor().detach().clone() for n, p in m2.named_parameters()}
+        res["dcp_v"] = {n: opt2.state[p]["v"].full_tensor().clone() for n, p in m2.named_parameters()}
+        res["dcp_step"] = {n: int(opt2.state[p]["step"]) for n, p in m2.named_parameters()}
     torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
@@ -211,6 +225,14 @@ def test_fsdp2_matches_single_process(two_ranks):
     for r in two_ranks:
         for n, p in r["fsdp_params"].items():
             torch.testing.assert_close(p, ref[n], rtol=1e-4, atol=2e-5, msg=n)
+
+
+def test_dcp_resume_of_fsdp2_and_nero_equals_the_uninterrupted_run(two_ranks):
+    for r in two_ranks:
+        for n, p in r["dcp_params"].items():
+            assert torch.equal(p, r["fsdp_params"][n]), n
+            assert torch.equal(r["dcp_v"][n], r["fsdp_v"][n]), n
+            assert r["dcp_step"][n] == STEPS, n
 
 
 if __name__ == "__main__":
