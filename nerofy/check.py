@@ -17,6 +17,7 @@ from torch.utils._pytree import tree_leaves
 from .layout import upcast
 from .plan import Plan, make_plan, positional_inputs
 from .rewrite import wrap
+from .trace import call
 from .verify import verify_axes
 
 STATUSES = ("pass", "fail_create", "fail_trace", "fail_plan", "fail_rewrite", "fail_forward", "fail_backward",
@@ -138,7 +139,7 @@ def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 
     for i in range(max(1, steps)):
         t = time.perf_counter()
         try:
-            loss = loss_fn(model(*inputs))
+            loss = loss_fn(call(model, inputs))
         except Exception as e:
             r.status, r.error = "fail_forward", _err(e)
             return r

@@ -22,6 +22,7 @@ A neuron fed by an activation ``phi`` records it (``Entry.signal``); its fixed g
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import inspect
 import json
@@ -37,7 +38,7 @@ from torch import nn
 from . import gains
 from .analysis import Finding
 from .layout import ELEMENTWISE, NeuronLayout
-from .trace import FRONTENDS, Trace, trace
+from .trace import FRONTENDS, CallInputs, Trace, split_call, trace
 
 log = logging.getLogger("nerofy")
 
@@ -356,37 +357,68 @@ def _names(ns: list[str], n: int = 8) -> str:
 BN_SINGLE_VALUE = "more than 1 value per channel"
 
 
-def positional_inputs(model: nn.Module, example_inputs) -> tuple:
-    """Example inputs as the positional tuple of one call: a tuple/list is the positional inputs, a
-    mapping (a dict, a tokenizer's BatchEncoding) is keyword inputs, ``model(**example_inputs)``,
-    bound to ``forward``'s signature (omitted parameters take their defaults); anything else is the
-    one positional input. A forward that takes a dict positionally gets it as ``(batch,)``."""
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    if not isinstance(example_inputs, Mapping):
-        return (example_inputs,)
+def _forward_signature(model: nn.Module) -> inspect.Signature:
+    """The signature of the forward that takes the inputs: through torch.compile, (Distributed)DataParallel."""
     inner = model
-    while True:  # the module whose forward takes the inputs: through torch.compile, (Distributed)DataParallel
+    while True:
         if isinstance(getattr(inner, "_orig_mod", None), nn.Module):
             inner = inner._orig_mod
         elif isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner = inner.module
         else:
-            break
-    sig = inspect.signature(inner.forward)
+            return inspect.signature(inner.forward)
+
+
+def _unnamed_keys_hint(model: nn.Module, kwargs: dict) -> str:
+    """Where keyword inputs went to ``**kwargs`` and the call failed: the keys forward does not
+    name, with close names (a typo of ``input_ids`` reaches the model as an unknown keyword)."""
+    try:
+        sig = _forward_signature(model)
+    except (TypeError, ValueError):
+        return ""
+    named = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    unknown = [k for k in kwargs if k not in named]
+    if not unknown:
+        return ""
+    close = difflib.get_close_matches(unknown[0], named, n=3, cutoff=0.5)
+    return (f" Key(s) {', '.join(map(repr, unknown))} are not named parameters of forward (they went to **kwargs)"
+            + (f"; close: {', '.join(close)}" if close else "") + ".")
+
+
+def positional_inputs(model: nn.Module, example_inputs) -> tuple | CallInputs:
+    """Example inputs as one call: a tuple/list is the positional inputs, a mapping (a dict, a
+    tokenizer's BatchEncoding) is keyword inputs, ``model(**example_inputs)``, bound to
+    ``forward``'s named parameters as a positional tuple (omitted ones take their defaults), or
+    kept as keywords (:class:`CallInputs`) where keys are keyword-only or go to ``**kwargs``;
+    anything else is the one positional input. A forward that takes a dict positionally gets it
+    as ``(batch,)``."""
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    if not isinstance(example_inputs, Mapping):
+        return (example_inputs,)
+    sig = _forward_signature(model)
     params = list(sig.parameters.values())
     kinds = {p.kind for p in params}
     named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     extra = [k for k in example_inputs if k not in named]
     if extra:
         kwonly = {p.name for p in params if p.kind == p.KEYWORD_ONLY}
-        k = extra[0]
-        how = ("keyword-only" if k in kwonly else "it would go to **kwargs" if inspect.Parameter.VAR_KEYWORD in kinds
-               else "no such parameter")
-        raise ValueError(f"example_inputs key(s) {', '.join(map(repr, extra))} do not bind to a positional "
-                         f"parameter of {type(model).__name__}.forward{sig} ({k!r}: {how}); nerofy passes example "
-                         "inputs positionally, so give only forward's named positional parameters (a forward "
-                         "that takes the dict itself gets it as (batch,))")
+        unknown = [k for k in extra if k not in kwonly]
+        if not unknown or inspect.Parameter.VAR_KEYWORD in kinds:
+            # keyword-only parameters, or a forward(*args, **kwargs) that hands them on (peft's
+            # PeftModel): the call is model(**example_inputs), as the user wrote it
+            missing = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                       and p.default is p.empty and p.name not in example_inputs]
+            if missing:
+                raise ValueError(f"example_inputs lacks {missing[0]!r}, which {type(model).__name__}.forward{sig} "
+                                 "requires; add it to the dict")
+            return CallInputs((), dict(example_inputs))
+        close = difflib.get_close_matches(unknown[0], named + sorted(kwonly), n=3, cutoff=0.5)
+        raise ValueError(f"example_inputs key(s) {', '.join(map(repr, unknown))} name no parameter of "
+                         f"{type(model).__name__}.forward{sig}"
+                         + (f" (close: {', '.join(close)})" if close else "")
+                         + "; give forward's parameter names as keys (a forward that takes the dict itself gets "
+                         "it as (batch,))")
     last = max((named.index(k) for k in example_inputs), default=-1)
     out = []
     for p in params[: last + 1]:
@@ -409,23 +441,24 @@ def _check_inputs(model: nn.Module, example_inputs) -> None:
     except Exception:
         meta = model
 
-    args = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+    args, kwargs = split_call(example_inputs)
     try:
         with torch.no_grad():
-            meta(*to_meta(args))
+            meta(*to_meta(args), **to_meta(kwargs))
         return
     except Exception:
         pass  # the model may not run on meta at all (.item(), data-dependent shapes): try for real
     try:
         with torch.no_grad():
-            model(*args)
+            model(*args, **kwargs)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args]
+        shapes = [tuple(a.shape) if hasattr(a, "shape") else type(a).__name__ for a in args] + [
+            f"{k}={tuple(a.shape) if hasattr(a, 'shape') else type(a).__name__}" for k, a in kwargs.items()]
         hint = ("BatchNorm in training mode needs more than one value per channel: pass a batch of at least 2"
                 if BN_SINGLE_VALUE in msg else "Pass inputs the model's forward accepts")
         raise ValueError(f"example_inputs of shapes {shapes} do not fit {type(model).__name__}: "
-                         f"{type(e).__name__}: {msg[:200]}. {hint}.") from e
+                         f"{type(e).__name__}: {msg[:200]}. {hint}.{_unnamed_keys_hint(model, kwargs)}") from e
 
 
 def _key(f: Finding):

@@ -73,7 +73,33 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+@dataclass(frozen=True)
+class CallInputs:
+    """One call's inputs with keywords, ``model(*args, **kwargs)``: example inputs given as a dict
+    whose keys go to a ``forward(*args, **kwargs)`` (peft's PeftModel, wrappers that forward
+    everything). A plain tuple of inputs stays a tuple."""
+    args: tuple
+    kwargs: dict
+
+
+def split_call(x: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) of example inputs: a CallInputs, a tuple/list of positional inputs, or one input."""
+    if isinstance(x, CallInputs):
+        return tuple(x.args), dict(x.kwargs)
+    if isinstance(x, (list, tuple)):
+        return tuple(x), {}
+    return (x,), {}
+
+
+def call(model: nn.Module, x: Any) -> Any:
+    """``model`` called on example inputs in any of :func:`split_call`'s forms."""
+    args, kwargs = split_call(x)
+    return model(*args, **kwargs)
+
+
 def to_meta(x: Any) -> Any:
+    if isinstance(x, CallInputs):
+        return CallInputs(to_meta(tuple(x.args)), to_meta(dict(x.kwargs)))
     return tree_map(lambda t: torch.empty_like(t, device="meta") if isinstance(t, torch.Tensor) else t, x)
 
 
@@ -484,8 +510,8 @@ def _short(e: Exception, n: int = 160) -> str:
 # torch.export
 # ---------------------------------------------------------------------------------------------
 def trace_export(meta_model: nn.Module, inputs: tuple, names: dict[int, str], shapes: dict,
-                 skip: set[str] = frozenset()) -> Analyzer:
-    ep = torch.export.export(meta_model, tuple(inputs), strict=False)
+                 skip: set[str] = frozenset(), kwargs: dict | None = None) -> Analyzer:
+    ep = torch.export.export(meta_model, tuple(inputs), kwargs=kwargs or None, strict=False)
     to_param = dict(ep.graph_signature.inputs_to_parameters)
     by_name = {n: n for n in shapes}
     canon = {}
@@ -549,14 +575,15 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
     except Exception as e:
         out.attempts.append(("meta-copy", f"{type(e).__name__}: {_short(e)}"))
         meta = None
-    real_in = None
+    real_in, kw = None, {}
     if example_inputs is not None:
-        real_in = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
+        real_in, kw = split_call(example_inputs)
     if meta is not None:
         mnames, _ = param_table(meta)
         names = mnames
         meta.train(model.training)
         inputs = to_meta(real_in) if real_in is not None else default_inputs(meta)
+        kw = to_meta(kw)
     else:
         # no meta copy: trace the model itself (fx touches no values), with real inputs if given
         meta, inputs = model, real_in
@@ -567,6 +594,9 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
     for f in frontends:
         if f == "modules":
             break
+        if f == "fx" and kw:
+            out.attempts.append((f, "skipped: keyword inputs (a symbolic trace takes positional inputs only)"))
+            continue
         try:
             if f == "fx":
                 an, n = trace_fx(meta, inputs, names, shapes)
@@ -575,7 +605,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                     # take): the recorder follows the real Python forward instead
                     ran = Analyzer("record", shapes)
                     try:
-                        record(meta, inputs, {}, ran, names, skip=opaque)
+                        record(meta, inputs, kw, ran, names, skip=opaque)
                     except Exception as e:
                         ran = None
                         if example_inputs is not None and meta is not model:
@@ -599,7 +629,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                     continue
                 an = Analyzer("record", shapes)
                 try:
-                    record(meta, inputs, {}, an, names, skip=opaque)
+                    record(meta, inputs, kw, an, names, skip=opaque)
                 except Exception as e:
                     if example_inputs is None or meta is model:
                         raise
@@ -610,7 +640,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
                 if inputs is None:
                     out.attempts.append((f, "skipped: no example inputs"))
                     continue
-                an = trace_export(meta, inputs, names, shapes, skip=opaque)
+                an = trace_export(meta, inputs, names, shapes, skip=opaque, kwargs=kw)
             out.attempts.append((f, "ok"))
             out.frontend = f
             break
@@ -645,8 +675,8 @@ def _record_real(model: nn.Module, example_inputs, shapes: dict, why: Exception,
     forward failed with ``why`` (noted, with the fallback, when it succeeds)."""
     rnames, _ = param_table(model)
     an = Analyzer("record", shapes)
-    real_in = tuple(example_inputs) if isinstance(example_inputs, (list, tuple)) else (example_inputs,)
-    record(model, real_in, {}, an, rnames, skip=_opaque_params(model, rnames))
+    real_in, kw = split_call(example_inputs)
+    record(model, real_in, kw, an, rnames, skip=_opaque_params(model, rnames))
     notes.append(f"record: meta forward failed ({type(why).__name__}: {_short(why, 80)}); "
                  "recorded one real forward instead")
     return an

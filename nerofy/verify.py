@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from . import rules as R
 from .layout import upcast
 from .plan import Plan
-from .trace import _fn_name
+from .trace import _fn_name, call
 
 CONTRACTIONS = {"linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
                 "matmul", "rmatmul", "mm", "bmm", "addmm", "baddbmm", "addbmm", "mv", "addmv", "inner", "tensordot",
@@ -90,7 +90,7 @@ def verify_axes(model: nn.Module, plan: Plan, inputs: tuple, neurons: int = 3, n
     storages = {_storage_key(params[e.name]): e.name for e in targets}
     cap = _Capture(storages)
     with cap:
-        model(*inputs)
+        call(model, inputs)
     results = {}
     for e in targets:
         if e.name not in cap.calls:

@@ -10,7 +10,7 @@ import nerofy
 from nerofy.balanced import _BalancedFn
 from nerofy.check import check_model
 from nerofy.layout import NeuronLayout
-from nerofy.plan import make_plan
+from nerofy.plan import make_plan, positional_inputs
 from nerofy.verify import verify_axes
 
 
@@ -448,10 +448,23 @@ def test_dict_example_inputs_are_keyword_inputs_bound_to_forward():
     assert nerofy.is_wrapped(model) and model(**batch).shape == (2, 5, 3)
 
 
+def test_dict_example_inputs_with_a_keyword_only_key_are_one_keyword_call():
+    from nerofy.trace import CallInputs
+
+    ids = torch.randint(0, 20, (2, 5))
+    batch = {"input_ids": ids, "scale": 2.0}
+    got = positional_inputs(KeywordForward(), batch)
+    assert isinstance(got, CallInputs) and got.args == () and got.kwargs == batch
+    p = make_plan(KeywordForward(), batch)
+    assert p.frontend != "fx" and (p["out.weight"].role, p["out.weight"].axes) == ("neuron", (0,))
+    assert ("fx", "skipped: keyword inputs (a symbolic trace takes positional inputs only)") in p.attempts
+
+
 @pytest.mark.parametrize("batch, match", [
-    ({"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.zeros(2)}, "'labels': no such parameter"),
-    ({"input_ids": torch.zeros(2, 5, dtype=torch.long), "scale": 2.0}, "'scale': keyword-only"),
+    ({"input_ids": torch.zeros(2, 5, dtype=torch.long), "labels": torch.zeros(2)}, "'labels' name no parameter"),
+    ({"input_idz": torch.zeros(2, 5, dtype=torch.long)}, r"'input_idz'.*close: input_ids"),
     ({"attention_mask": torch.ones(2, 5)}, "lacks 'input_ids'"),
+    ({"attention_mask": torch.ones(2, 5), "scale": 2.0}, "lacks 'input_ids'"),
 ])
 def test_dict_example_inputs_that_do_not_bind_name_the_key(batch, match):
     with pytest.raises(ValueError, match=match):
