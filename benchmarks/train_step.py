@@ -194,7 +194,9 @@ def memory(arch, a, log):
         for c in order:
             cmd = [sys.executable, __file__, "--child", c, "--arch", arch, "--size", str(a.size), "--batch",
                    str(a.batch), "--threads", str(a.threads), "--mem-steps", str(a.mem_steps)]
-            p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode:  # the child's own error, not just its exit status
+                raise SystemExit(f"memory child {c!r} for {arch} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
             d = json.loads(p.stdout.strip().splitlines()[-1])
             d["train_peak"] = d["peak_rss"] - d["base_rss"]
             res[c].append(d)
