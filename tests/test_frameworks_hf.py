@@ -141,6 +141,21 @@ def test_save_pretrained_rewraps_and_resumes(runs, tmp_path):
     assert torch.allclose(_eval_logits(again), _eval_logits(full), atol=1e-4)
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_an_untied_model_exports_with_and_without_safetensors(tmp_path, safe):
+    torch.manual_seed(0)
+    cfg = _cfg()
+    cfg.tie_word_embeddings = False
+    model, opt = nerofy.wrap(transformers.GPT2LMHeadModel(cfg), example_inputs={"input_ids": _ids(0)[None]})
+    batch = torch.stack([_ids(3), _ids(4)])
+    model(input_ids=batch, labels=batch).loss.backward()
+    opt.step()
+    model.save_pretrained(str(tmp_path), safe_serialization=safe)
+    plain = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path))
+    assert plain.lm_head.weight is not plain.transformer.wte.weight
+    assert torch.allclose(_eval_logits(plain), _eval_logits(model), atol=1e-5)
+
+
 def test_save_pretrained_routing_is_per_instance_and_bake_removes_it():
     torch.manual_seed(0)
     other = transformers.GPT2LMHeadModel(_cfg())
