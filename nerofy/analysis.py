@@ -30,6 +30,12 @@ class Derived:
     origins: dict[str, Origins]
     removed: dict[str, frozenset] = field(default_factory=dict)  # param dims indexed away
     gathered: dict[str, frozenset] = field(default_factory=dict)  # param dims indexed by data
+    # param dims summed in a product of parameters (the r of B @ A): the consumer puts them on the
+    # side of its contraction the parameter does not occupy (B's fan-in, A's neurons)
+    contracted: dict[str, frozenset] = field(default_factory=dict)
+    # roles of parameters combined with data-picked rows (E[idx] + P: P "additive"), given to them
+    # if the result turns out to be data rather than a weight
+    pending: dict[str, str] = field(default_factory=dict)
 
 
 _UIDS = itertools.count()
@@ -53,6 +59,9 @@ class Act:
     stream: frozenset = frozenset()
     # computed from such rows with no norm in between (so at their scale, not at a norm's rms 1)
     from_rows: bool = False
+    # computed from these parameters and constants only, no input data (spectral norm's sigma of
+    # W): dividing W by it reparametrizes W, it is not a second use
+    of_params: frozenset = frozenset()
     # a pointwise function of one earlier activation: (that one's uid, fn, text, nonlinear)
     expr: tuple | None = field(default=None, compare=False)
     uid: int = field(default_factory=lambda: next(_UIDS), compare=False)
@@ -84,6 +93,15 @@ class Finding:
     vector_axis: int | None = None  # table uses: the parameter dim added along the activation's feature dim
     meets: str = ""  # table uses: "logits" when added to attention logits (a logit bias, not feature vectors)
     stream: tuple[str, ...] = ()  # role "stream": the output is added to a stream that starts as these tables' rows
+
+
+def _map_nested(fn, x):
+    """``fn`` over the leaves of nested lists / tuples / dicts (an op's arguments)."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map_nested(fn, y) for y in x)
+    if isinstance(x, dict):
+        return {k: _map_nested(fn, v) for k, v in x.items()}
+    return fn(x)
 
 
 def _shape(v) -> tuple[int, ...] | None:
@@ -152,7 +170,8 @@ class Analyzer:
                 continue
             f = Finding(p, role, op=op, where=self.where, frontend=self.frontend, reason=reason, meets=meets)
             if rule is not None and role in ("neuron", "embedding"):
-                f = self._map_contraction(p, org, d.removed.get(p, frozenset()), rule, f, d.shape)
+                f = self._map_contraction(p, org, d.removed.get(p, frozenset()), rule, f, d.shape,
+                                          d.contracted.get(p, frozenset()))
                 if f.role == "neuron":
                     f.signal = signal
             if role == "additive" and feature is not None and -len(org) <= feature < 0 and len(org[feature]) == 1:
@@ -166,13 +185,26 @@ class Analyzer:
                 self.findings.append(Finding(p, "embedding", (0,), op="add", where=self.where, frontend=self.frontend,
                                              reason="looked-up rows added to attention logits", meets="logits"))
 
-    def _map_contraction(self, p, org, removed, rule: R.Contraction, f: Finding, used_shape=None) -> Finding:
+    def _map_contraction(self, p, org, removed, rule: R.Contraction, f: Finding, used_shape=None,
+                         contracted: frozenset = frozenset()) -> Finding:
         shape = self.param_shapes[p]
         if any(d >= len(org) for d in rule.neuron + rule.fan_in):
             f.role, f.reason = "free", f"{rule.role} rule of {f.op} does not fit the tensor's dims"
             return f
         neuron = set().union(*[org[d] for d in rule.neuron]) | set(removed)
         fan_in = set().union(*[org[d] for d in rule.fan_in])
+        summed = set(contracted) - neuron - fan_in
+        if summed:
+            # a factor of a product of parameters: its summed dim is on the side it does not
+            # occupy (W = B @ A used as a weight: B's rows are neurons and its r is their fan-in;
+            # A's columns are fan-in and its r indexes neurons, as x @ A.T @ B.T computes)
+            if neuron and not fan_in:
+                fan_in |= summed
+            elif fan_in and not neuron:
+                neuron |= summed
+            else:
+                f.role, f.reason = "free", f"a factor of a product of parameters that spans both sides of {f.op}"
+                return f
         n_used = math.prod(used_shape[d] for d in rule.neuron) if used_shape and rule.role == "neuron" else 1
         if n_used > 1 and math.prod(shape[d] for d in neuron) == 1 and fan_in:
             # one value per input, broadcast over all the op's neurons (a per-column scale such as
@@ -206,6 +238,14 @@ class Analyzer:
         """Interpret one call. ``out_shape``: the output's shape (a tuple of tuples for several
         outputs) when the frontend knows it. Returns the value(s) describing the output."""
         res = self._call(op, args, kwargs, out_shape, fn)
+        flat = list(_flat((args, kwargs)))
+        acts = [v for v in flat if isinstance(v, Act)]
+        ds = [v for v in flat if isinstance(v, Derived)]
+        if (ds or acts) and all(a.of_params for a in acts):  # no input data among the inputs
+            params = frozenset().union(*[a.of_params for a in acts], *[frozenset(d.origins) for d in ds])
+            for r in res if isinstance(res, list) else [res]:
+                if isinstance(r, Act):
+                    r.of_params = params
         gathered: dict[str, frozenset] = {}
         for v in _flat((args, kwargs)):
             if isinstance(v, Derived):
@@ -231,6 +271,17 @@ class Analyzer:
             out_shape = _meta_shape(fn, args, kwargs)
 
         bound = R.bind(op, args, kwargs)
+        if not has_act and (op in R.PARAM_PRODUCTS or op in R.DATA_SLOT or op == "einsum"):
+            picked = [v for v in derived if v.gathered]
+            if picked and len(picked) < len(derived):
+                # rows picked by data indices meet a parameter: they are the data, the parameter the
+                # weight ((E[idx] + P) @ W, F.linear(E[idx], W))
+                acts = {id(v): self._as_data(v, op) for v in picked}
+                swap = lambda v: acts.get(id(v), v) if isinstance(v, Derived) else v  # noqa: E731
+                return self._call(op, tuple(_map_nested(swap, a) for a in args),
+                                  {k: _map_nested(swap, v) for k, v in kwargs.items()}, out_shape, fn)
+            if op in R.PARAM_PRODUCTS and not picked and len(derived) == 2:
+                return self._param_product(bound, out_shape)
         # contractions, norms and other ops with per-argument rules
         ruled = False
         passthrough = None
@@ -317,6 +368,11 @@ class Analyzer:
         if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY | R.CONCATS:
             if has_act:
                 acts = [v for v in flat if isinstance(v, Act)]
+                own = frozenset().union(*[a.of_params for a in acts])
+                if op in R.MULTIPLICATIVE and len(derived) == 1 and all(a.of_params for a in acts) \
+                        and set(derived[0].origins) <= own and isinstance(args[0], Derived):
+                    # W / sigma(W) with sigma computed from W and constants (spectral norm): W still
+                    return self._elementwise([derived[0]], out_shape or derived[0].shape)
                 logits = any(a.signal == G.SIMILARITY for a in acts)
                 feature = _common_feature(acts)
                 for i, val in enumerate(args):
@@ -359,6 +415,58 @@ class Analyzer:
         return self._plain(out_shape, has_act)
 
     # ---- helpers ---------------------------------------------------------------------------
+    def _as_data(self, d: Derived, op: str) -> Act:
+        """Data-picked rows used as data: each picked table is an embedding (its rows along the
+        picked dims), each parameter combined with them gets its pending role; the result is the
+        activation those rows make (a stream of table rows, like an embedding lookup's)."""
+        for p, org in d.origins.items():
+            one = Derived(d.shape, {p: org}, {p: d.removed.get(p, frozenset())})
+            if p in d.gathered:
+                one.gathered[p] = d.gathered[p]
+                self.emit(one, "additive", op, f"used as the data input of {op}")
+            else:
+                self.emit(one, d.pending.get(p, "additive"), op, f"combined with rows selected by an index from "
+                          f"inputs, the data input of {op}", feature=-1)
+        return Act(d.shape, feature=-1, tables=frozenset(d.gathered), stream=frozenset(d.origins))
+
+    def _param_product(self, bound: dict, out_shape) -> Derived:
+        """``A @ B`` of two parameter-derived tensors (no activation): a weight made of both. Each
+        output dim keeps the factor dims feeding it; the summed dim is recorded as contracted."""
+        vals = [v for v in bound.values() if isinstance(v, (Derived, Const))]
+        a, b = (vals + [None, None])[:2]
+        sa, sb = _shape(a), _shape(b)
+        if sa is None or sb is None or not sa or not sb:
+            return self._elementwise([v for v in (a, b) if isinstance(v, Derived)], out_shape)
+        na, nb = len(sa), len(sb)
+        nout = len(out_shape) if isinstance(out_shape, tuple) else max(na, nb) - (na == 1) - (nb == 1)
+        origins, removed, contracted = {}, {}, {}
+
+        def place(v, side):
+            n = len(v.shape)
+            k = (n - 1) if side == "a" else (0 if n == 1 else n - 2)  # the summed dim
+            keep = {}  # operand dim -> output dim
+            if n >= 2:
+                if side == "a":
+                    keep[n - 2] = nout - (2 if nb >= 2 else 1)
+                else:
+                    keep[n - 1] = nout - 1
+                for i in range(n - 2):  # batch dims, right-aligned
+                    keep[i] = nout - (n - i) + (0 if (side == "b" or nb >= 2) else 1)
+            for p, org in v.origins.items():
+                out = [frozenset()] * nout
+                for i, o in keep.items():
+                    if 0 <= o < nout:
+                        out[o] = out[o] | org[i]
+                origins[p] = tuple(x | y for x, y in zip(origins[p], out)) if p in origins else tuple(out)
+                contracted[p] = contracted.get(p, frozenset()) | org[k] | v.contracted.get(p, frozenset())
+                removed[p] = removed.get(p, frozenset()) | v.removed.get(p, frozenset())
+
+        for v, side in ((a, "a"), (b, "b")):
+            if isinstance(v, Derived):
+                place(v, side)
+        return Derived(tuple(out_shape) if isinstance(out_shape, tuple) else None, origins, removed,
+                       contracted=contracted)
+
     def _plain(self, out_shape, act: bool):
         if isinstance(out_shape, list):
             return [Act(s) if act else Const(s) for s in out_shape]
@@ -475,12 +583,16 @@ class Analyzer:
 
     def _elementwise(self, ds: list[Derived], out_shape) -> Derived | Act:
         nd = len(out_shape) if out_shape is not None else max(len(d.shape or ()) for d in ds)
-        origins, removed = {}, {}
+        origins, removed, contracted, pending = {}, {}, {}, {}
         for d in ds:
             origins = _merge(origins, _broadcast_origins(d, nd))
             for p, r in d.removed.items():
                 removed[p] = removed.get(p, frozenset()) | r
-        return Derived(tuple(out_shape) if out_shape is not None else None, origins, removed)
+            for p, c in d.contracted.items():
+                contracted[p] = contracted.get(p, frozenset()) | c
+            pending.update(d.pending)
+        return Derived(tuple(out_shape) if out_shape is not None else None, origins, removed,
+                       contracted=contracted, pending=pending)
 
     def _elementwise_params(self, op: str, ds: list[Derived], out_shape):
         """Parameters combined with each other or constants (no activation): the result still
@@ -495,7 +607,16 @@ class Analyzer:
                 # else a parameter scaled by a statistic of itself (W / sigma(W), W / ||W||): a
                 # reparametrization of W, not a second use
                 return self._elementwise([w], out_shape)
-        return self._elementwise(ds, out_shape)
+        out = self._elementwise(ds, out_shape)
+        picked = [d for d in ds if d.gathered]
+        if picked and len(picked) < len(ds):
+            # data-picked rows combined with other parameters (E[idx] + P): if the sum is then used
+            # as data, the others were added to (or scaled) data
+            for d in ds:
+                if not d.gathered:
+                    for p in d.origins:
+                        out.pending.setdefault(p, R.affine_role(op, d.shape or ()))
+        return out
 
     def _concat(self, op, ds, args, kwargs, out_shape):
         seq = args[0] if args else kwargs.get("tensors", ())

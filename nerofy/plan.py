@@ -218,8 +218,10 @@ class Plan:
                 if e.constrained and e.fan_in <= 1:
                     raise ValueError(f"{n}: fan-in 1 along axes {e.axes}; a balanced neuron would be +-1. "
                                      "Use role='gain' (or balanced=False) instead.")
+            e.warnings = []  # they were about the automatic choice the user just replaced
             e.reason = (f"override: role={e.role}" + (f", axes={e.axes}" if e.axes else "")
                         + (", balanced" if e.balanced else "") + (f", gain={e.gain:g}" if e.gain is not None else ""))
+        self.warnings = [w for w in self.warnings if not any(w.startswith(f"{n}: ") for n in names)]
         self._refresh_streams()
         return names
 
@@ -314,7 +316,14 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
     unreached = set(tr.unreached)
     for name, p in params.items():
         e = _resolve(name, tuple(p.shape), tr.findings.get(name, []))
-        if e.frontend == "" and name in unreached:
+        if e.frontend == "" and name in unreached and tr.transformed:
+            # the forward ran a torch.func transform: a parameter used only through one the trace
+            # does not follow (a custom function transform) is not seen; "not used" could be false
+            e.reason = (f"not reached by the {tr.frontend} trace, whose forward ran a torch.func transform (vmap, "
+                        "grad) that may hide its use; no module rule knows it")
+            e.warnings = ["not reached by the trace through a torch.func transform (it may still be used): left "
+                          "unconstrained (free); set its role with plan.override"]
+        elif e.frontend == "" and name in unreached:
             # traced, but this forward never touched it (an optional input's branch, an unused head)
             e.reason = f"not used by the {tr.frontend} trace's forward and no module rule knows it"
             e.warnings = [f"not used by the forward with these inputs: left unconstrained (free); pass inputs "
@@ -335,7 +344,11 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
         warnings.insert(0, "no frontend traced the model" + (f" [{'; '.join(failed)}]" if failed else "")
                         + f"; {len(fallback)} parameters placed by module rules: {_names(fallback)}")
     unused = [n for n in unplaced if n in unreached]
-    if unused:
+    if unused and tr.transformed:
+        warnings.append(f"{len(unused)} parameters were not reached by the trace, whose forward ran a torch.func "
+                        f"transform (vmap, grad) that may hide their use; they stay unconstrained ('free'): "
+                        f"{_names(unused)}")
+    elif unused:
         warnings.append(f"{len(unused)} parameters are not used by the forward with these inputs and stay "
                         f"unconstrained ('free'): {_names(unused)}")
     if len(unused) < len(unplaced):
@@ -344,6 +357,10 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
                         f"{_names(rest)}")
     for w in warnings[:1] if tr.frontend == "modules" else []:
         log.warning("nerofy: %s", w)
+    uncentred = [e.name for e in entries if e.constrained and not e.center and e.fan_in == NO_FREEDOM_CENTRED]
+    if uncentred:
+        warnings.append(f"{len(uncentred)} tensors of fan-in 2 are normalised without centring (a centred unit "
+                        f"vector of length 2 can only be +-(1, -1)/sqrt(2) and never moves): {_names(uncentred)}")
     notes = [msg for f, msg in tr.attempts if f == "note"]
     warnings += notes
     return Plan(entries, tr.frontend, tr.attempts, warnings)
@@ -492,6 +509,11 @@ def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entr
             e.warnings.append(f"also used where no rule applies ({why}); kept role {best.role}")
         else:
             e.warnings.append(f"also used as {', '.join(others)}; chose {best.role} (priority order)")
+    if e.role == "free" and e.frontend:
+        # reached by the trace, but every use is one no rule places: say so (the README promises a
+        # warning for every free parameter the user did not choose)
+        e.warnings.append(f"left unconstrained (free): {e.reason}; set its role with plan.override if it "
+                          "should be constrained")
     if e.role == "additive":
         _table_vectors(e, findings)
     if e.role in ("neuron", "embedding") or e.balanced:
@@ -513,7 +535,16 @@ def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entr
             _table_rows(e, findings)
         elif e.fan_in <= 1:
             e.balanced, e.axes, e.fan_in = False, None, None
+        if e.constrained and e.center and e.fan_in == NO_FREEDOM_CENTRED:
+            e.center = False
+            e.reason += (f"; fan-in {e.fan_in}: a centred unit-norm vector could only be +-(1, -1)/sqrt(2), "
+                         "no freedom to learn, so it is normalised without centring")
     return e
+
+
+# a centred unit-norm vector of this length has no degree of freedom (2 points); fan-in 1 has none
+# even uncentred (+-1) and is a gain
+NO_FREEDOM_CENTRED = 2
 
 
 def _signal(e: Entry, uses: list[Finding]) -> None:

@@ -182,7 +182,13 @@ SHAPE_ONLY = {"size", "dim", "ndim", "numel", "shape", "zeros_like", "ones_like"
               "isinf", "isfinite", "any", "all", "gt", "lt", "ge", "le", "argmax", "argmin", "is_nonzero",
               "sym_size", "sym_numel", "sym_stride", "_assert_tensor_metadata", "empty_strided",
               # autograd bookkeeping module.to()/_apply reads on each parameter: not a use of its values
-              "grad", "has_compatible_shallow_copy_type", "is_leaf", "grad_fn", "_version"}
+              "grad", "has_compatible_shallow_copy_type", "is_leaf", "grad_fn", "_version",
+              # metadata queries (MultiheadAttention's fast-path checks read them): no values
+              "is_nested", "is_sparse", "is_quantized", "is_meta", "is_cuda", "is_cpu", "is_mkldnn", "layout",
+              "is_inference", "is_mps", "is_xpu"}
+# products of two parameters with no activation in between (W + B @ A, a factorised weight): the
+# result is a weight made of both, and its consumer decides each factor's neuron axes
+PARAM_PRODUCTS = {"matmul", "mm", "bmm", "mv"}
 
 
 EMBEDDINGS = {"embedding", "aten_embedding", "embedding_bag"}

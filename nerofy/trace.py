@@ -21,7 +21,7 @@ import importlib
 import inspect
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -50,6 +50,7 @@ class Trace:
     frontend: str = ""  # the frontend that placed most parameters
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (frontend, "ok" | error)
     unreached: list[str] = field(default_factory=list)  # parameters no forward reached
+    transformed: bool = False  # the traced forward ran a torch.func transform (vmap, grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,11 +157,19 @@ def _shapes_of(x: Any):
 # ---------------------------------------------------------------------------------------------
 # the recorder (TorchFunctionMode)
 # ---------------------------------------------------------------------------------------------
+try:  # torch.func's wrapped tensors (vmap, grad), to follow parameters through them
+    _FT = torch._C._functorch
+    _FT.is_functorch_wrapped_tensor, _FT.get_unwrapped, _FT.is_batchedtensor, _FT.maybe_get_bdim  # noqa: B018
+except AttributeError:  # pragma: no cover - a torch without functorch's C API
+    _FT = None
+
+
 class _Recorder(TorchFunctionMode):
     def __init__(self, an: Analyzer):
         super().__init__()
         self.an = an
         self.values: dict[int, tuple[torch.Tensor, Any]] = {}  # id -> (tensor kept alive, value)
+        self.transformed = False  # the forward ran a torch.func transform (vmap, grad)
 
     def mark(self, t: torch.Tensor, value: Any) -> None:
         self.values[id(t)] = (t, value)
@@ -170,13 +179,48 @@ class _Recorder(TorchFunctionMode):
             hit = self.values.get(id(x))
             if hit is not None and hit[0] is x:
                 return hit[1]
+            if _FT is not None and _FT.is_functorch_wrapped_tensor(x):
+                return self._unwrap(x)
             return Const(tuple(x.shape))
         return x
+
+    def _unwrap(self, x: torch.Tensor) -> Any:
+        """A tensor inside a torch.func transform (vmap's batched view of a stacked parameter,
+        grad's tracking wrapper): what the wrapped tensor carries, its vmapped dim indexed away
+        (each slice is its own set of neurons, as for stacked expert weights)."""
+        self.transformed = True
+        bdims = []
+        t = x
+        while _FT.is_functorch_wrapped_tensor(t):
+            if _FT.is_batchedtensor(t):
+                bdims.append(_FT.maybe_get_bdim(t))
+            t = _FT.get_unwrapped(t)
+        hit = self.values.get(id(t))
+        val = hit[1] if hit is not None and hit[0] is t else None
+        if not isinstance(val, (Derived, Act)):
+            return Const(tuple(x.shape))
+        if isinstance(val, Act) or not bdims:
+            return Act(tuple(x.shape)) if isinstance(val, Act) else replace(val, shape=tuple(x.shape))
+        origins, removed = {}, dict(val.removed)
+        for p, org in val.origins.items():
+            org = list(org)
+            for b in reversed(bdims):  # the innermost wrapper's dim is removed first
+                if b is None or not 0 <= b < len(org):
+                    return Const(tuple(x.shape))
+                removed[p] = removed.get(p, frozenset()) | org.pop(b)
+            origins[p] = tuple(org)
+        return Derived(tuple(x.shape), origins, removed, dict(val.gathered))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if not torch.is_grad_enabled():
+            # computed under no_grad (spectral norm's power iteration, running statistics): no
+            # gradient reaches a parameter through it, so it is not a use; its result is a constant
+            return out
         name = _fn_name(func)
+        if not _in_place(name) and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
+            return out  # a metadata or scalar query (is_nested, .item()): reads no values as a layer does
         op = R.canonical(name)
         rargs = R.in_call_order(name, tree_map(self.resolve, args))
         rkw = tree_map(self.resolve, kwargs)
@@ -221,8 +265,11 @@ def record(module: nn.Module, args: tuple, kwargs: dict, an: Analyzer, names: di
     for t in [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]:
         rec.mark(t, Act(tuple(t.shape)))
     before = len(an.findings)
-    with torch.no_grad(), rec:
+    # grad on (meta tensors: no memory), so that what the forward computes under its own no_grad is
+    # told apart from its uses
+    with torch.enable_grad(), rec:
         module(*args, **kwargs)
+    an.transformed = getattr(an, "transformed", False) or rec.transformed
     return {f.param for f in an.findings[before:]}
 
 
@@ -233,6 +280,12 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaves: tuple[type, ...], autowrap: tuple[Any, ...]):
         super().__init__(autowrap_functions=autowrap)
         self._leaves = leaves
+
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if not torch.is_grad_enabled():  # the forward's own no_grad block: not a use (see _Recorder)
+            node.meta["nerofy_no_grad"] = True
+        return node
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self._leaves and isinstance(m, self._leaves):
@@ -295,7 +348,8 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
     notes = []
     leaves, autowrap = _timm_hooks(meta_model)
     tracer = _Tracer(leaves, autowrap)
-    graph = tracer.trace(meta_model, concrete_args=_defaulted_args(meta_model, inputs))
+    with torch.enable_grad():  # so that create_node sees the forward's own no_grad blocks only
+        graph = tracer.trace(meta_model, concrete_args=_defaulted_args(meta_model, inputs))
     gm = fx.GraphModule(tracer.root, graph)
     an = Analyzer("fx", shapes)
     inside_an = Analyzer("fx+record", shapes)
@@ -338,6 +392,8 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
                 env[node] = Const(tuple(obj.shape))
             else:
                 env[node] = obj
+        elif node.op in ("call_function", "call_method", "call_module") and node.meta.get("nerofy_no_grad"):
+            env[node] = [Const(x) for x in shp] if isinstance(shp, list) else Const(shp)
         elif node.op in ("call_function", "call_method"):
             args, kwargs = res(node.args), res(node.kwargs)
             if node.op == "call_function":
@@ -647,6 +703,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
         except Exception as e:
             out.attempts.append((f, f"{type(e).__name__}: {_short(e)}"))
             an = None
+    out.transformed = bool(getattr(an, "transformed", False))
     for n in notes:
         out.attempts.append(("note", n))
     found: dict[str, list[Finding]] = {n: [] for n in shapes}
