@@ -59,6 +59,11 @@ class Act:
     stream: frozenset = frozenset()
     # computed from such rows with no norm in between (so at their scale, not at a norm's rms 1)
     from_rows: bool = False
+    # a residual sum, unchanged since: the weights whose outputs were added (if a norm takes it
+    # next, a post-norm block: those layers get no signal factor, see plan._post_norm)
+    summed: frozenset = frozenset()
+    # a norm's output, unchanged since (a post-norm stream: each block's sum starts from one)
+    normed: bool = False
     # computed from these parameters and constants only, no input data (spectral norm's sigma of
     # W): dividing W by it reparametrizes W, it is not a second use
     of_params: frozenset = frozenset()
@@ -149,6 +154,7 @@ class Analyzer:
         # streams (by their tables) that met a sum whose other term no rule scales: none of their
         # branches gets the factor, so the branches keep their mix (never half the blocks scaled)
         self.broken_streams: set[frozenset] = set()
+        self._post_candidates: dict[int, list[Finding]] = {}  # sum uid -> its post-norm findings
 
     # ---- sources ---------------------------------------------------------------------------
     def source(self, name: str) -> Derived:
@@ -177,6 +183,21 @@ class Analyzer:
             if role == "additive" and feature is not None and -len(org) <= feature < 0 and len(org[feature]) == 1:
                 f.vector_axis = next(iter(org[feature]))
             self.findings.append(f)
+
+    def post_norm(self, x: Act) -> None:
+        """A norm that takes ``x + f(x)`` with ``x`` a norm's output: the layers whose outputs were
+        added end a post-norm branch (BERT's ``norm(x + f(x))``). Withdrawn if the sum is also
+        carried on to a later sum (then it is a pre-norm stream that a block's norm reads)."""
+        for p in sorted(x.summed):
+            f = Finding(p, "postnorm", op="add", where=self.where, frontend=self.frontend,
+                        reason="output added to a norm's output in a residual sum that a norm takes next")
+            self.findings.append(f)
+            self._post_candidates.setdefault(x.uid, []).append(f)
+
+    def _continued(self, acts: list[Act]) -> None:
+        for a in acts:
+            for f in self._post_candidates.pop(a.uid, []):
+                f.role = "stream-sum"  # not a post-norm block: the sum goes on; ignored by the plan
 
     def mark_logit_tables(self, acts: list[Act]) -> None:
         """Looked-up rows added to attention logits: those tables are logit biases."""
@@ -327,7 +348,8 @@ class Analyzer:
             if passthrough is not None:
                 return self._elementwise([passthrough], out_shape or passthrough.shape)
             if op in R.NORMS and isinstance(bound.get("input"), Act):
-                return Act(out_shape, feature=bound["input"].feature)  # a norm keeps the feature dim
+                self.post_norm(bound["input"])
+                return Act(out_shape, feature=bound["input"].feature, normed=True)  # a norm keeps the feature dim
             if op in R.EMBEDDINGS:
                 tables = frozenset(p for v in bound.values() if isinstance(v, Derived) for p in v.origins)
                 return Act(out_shape, feature=-1, tables=tables, stream=tables)
@@ -518,7 +540,8 @@ class Analyzer:
         if op in ("softmax", "log_softmax", "softmin"):
             return Act(out_shape, G.PROBS)
         if op in R.NORMS:
-            return Act(out_shape, feature=first.feature)
+            self.post_norm(first)
+            return Act(out_shape, feature=first.feature, normed=True)
         if len(acts) == 1 and first.signal == G.SIMILARITY and op in R.LOGIT_PRESERVING:
             return Act(out_shape, G.SIMILARITY)  # scaled or masked logits are still logits
         if op in R.ADDITIVE_OPS and len(acts) == 2:
@@ -527,7 +550,12 @@ class Analyzer:
                 self.mark_logit_tables([a for a in acts if a.signal != G.SIMILARITY])
                 return Act(out_shape, G.SIMILARITY)
             if op == "add" and len(args) >= 2 and all(isinstance(v, Act) for v in args[:2]):
-                return self._residual_sum(acts, out_shape)
+                self._continued(acts)
+                out = self._residual_sum(acts, out_shape)
+                if any(a.normed for a in acts):  # norm output + branch: a post-norm block if a norm takes it
+                    out = replace(out, summed=frozenset().union(*[a.producer for a in acts if not a.normed]),
+                                  uid=next(_UIDS))
+                return out
         if op in R.ELEMENTWISE_UNARY | R.ELEMENTWISE_BINARY | R.CONCATS:
             return _elementwise_act(acts, out_shape)
         return Act(out_shape)

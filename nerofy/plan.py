@@ -73,6 +73,8 @@ class Entry:
     # and the rms those rows have (set by the plan from the tables' entries; None: not known)
     stream: tuple[str, ...] = ()
     stream_rms: float | None = None
+    # neurons whose output is added to a residual sum that a norm takes next (post-norm): gain 1
+    post_norm: bool = False
 
     @property
     def constrained(self) -> bool:
@@ -92,7 +94,8 @@ class Entry:
         """The fixed gain this tensor gets under ``wrap(scale="signal")`` (see nerofy.gains)."""
         if self.gain is not None:
             return float(self.gain)
-        g = gains.gain(self.signal) if self.role == "neuron" and isinstance(self.signal, tuple) else 1.0
+        post = self.post_norm and self.stream_rms is None
+        g = gains.gain(self.signal) if self.role == "neuron" and isinstance(self.signal, tuple) and not post else 1.0
         if self.role == "neuron" and self.stream_rms is not None:
             g *= self.stream_rms  # a residual branch enters at the scale of the rows its stream starts as
         return g
@@ -485,7 +488,8 @@ def _key(f: Finding):
 def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entry:
     """Merge the uses of one parameter into one entry, deterministically."""
     streams = [f for f in findings if f.role == "stream"]  # where its output goes, not a use
-    findings = [f for f in findings if f.role != "stream"]
+    post = [f for f in findings if f.role == "postnorm"]  # likewise
+    findings = [f for f in findings if f.role not in ("stream", "postnorm", "stream-sum")]
     if not findings:
         return Entry(name, shape, "free", reason="no frontend reached it and no module rule knows it",
                      warnings=["no rule: left unconstrained (free)"])
@@ -531,6 +535,7 @@ def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entr
         elif e.role == "neuron":
             _signal(e, [f for f in findings if f.role == "neuron"])
             _stream(e, streams)
+            _post_norm(e, post)
         elif e.role == "embedding" and e.fan_in > 1:
             _table_rows(e, findings)
         elif e.fan_in <= 1:
@@ -568,6 +573,18 @@ def _stream(e: Entry, streams: list[Finding]) -> None:
         e.stream = tuple(tables)
         e.reason += (f"; its output is added to a residual stream that starts as rows of {', '.join(tables)}: "
                      "gain times their rms, so it enters at the stream's starting scale")
+
+
+def _post_norm(e: Entry, post: list[Finding]) -> None:
+    """The last layer of a post-norm branch (``norm(x + f(x))``, BERT): no signal factor. The norm
+    renormalises the sum, so there is no signal to carry through later layers; the branch's gain
+    only sets its share of the sum, and with its signal factor (GELU's 1.53) the branch enters at
+    the stream's full rms. Gain 1 (the paper's unit norm) measured better (docs/results.md)."""
+    if not post or e.signal is None:
+        return
+    e.post_norm = True
+    e.reason += ("; its output is added to a residual sum a norm takes next (post-norm): gain 1, the signal "
+                 "factor has no later layer to serve there")
 
 
 def _table_rows(e: Entry, findings: list[Finding]) -> None:

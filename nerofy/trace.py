@@ -431,6 +431,8 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
                 if isinstance(mod, R_NORM_MODULES):
                     continue
                 an.emit(v, "additive", type(mod).__name__, f"fed as input to module {node.target}")
+            if isinstance(mod, R_NORM_MODULES) and args and isinstance(args[0], Act):
+                an.post_norm(args[0])
             # module rules for what a leaf covers, here in graph order ("first use" means first in forward)
             x = args[0] if args and isinstance(args[0], Act) else None
             leaf = _leaf_rule_findings(node.target, mod, names)
@@ -484,7 +486,7 @@ def _record_call(an: Analyzer, fn, node: fx.Node, node_vals: dict, env: dict):
                     rec.mark(ti, vi)
     args = fx.node.map_arg(node.args, lambda n: node_vals.get(n))
     kwargs = fx.node.map_arg(node.kwargs, lambda n: node_vals.get(n))
-    with torch.no_grad(), rec:
+    with torch.enable_grad(), rec:  # grad on: the recorder skips only the function's own no_grad blocks
         out = fn(*args, **kwargs)
     if isinstance(out, torch.Tensor):
         v = rec.resolve(out)  # a parameter-derived result (a gathered bias table) keeps flowing
@@ -518,7 +520,7 @@ def _leaf_output(mod: nn.Module, x: Act | None, shp, names: dict[int, str]) -> A
         return Act(shp, feature=R.output_feature(op, "weight", mod.weight.dim()),
                    producer=frozenset([w]) if w else frozenset(), from_rows=x is not None and x.rows_scale)
     if isinstance(mod, R_NORM_MODULES) and x is not None:
-        return Act(shp, feature=x.feature)
+        return Act(shp, feature=x.feature, normed=True)
     if isinstance(mod, nn.Embedding) and id(mod.weight) in names:
         t = frozenset([names[id(mod.weight)]])
         return Act(shp, feature=-1, tables=t, stream=t)

@@ -253,6 +253,36 @@ def test_metadata_queries_are_not_uses():
     assert not any("is_nested" in w for w in p.warnings), p.warnings
 
 
+def _rel_bias(table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    return table[idx].permute(2, 0, 1)
+
+
+torch.fx.wrap("_rel_bias")  # fx keeps it one call; nerofy looks inside with the recorder
+
+
+class WrappedFunction(nn.Module):
+    def __init__(self, length=4, heads=2):
+        super().__init__()
+        self.qk = nn.Linear(8, 16)
+        self.table = nn.Parameter(torch.randn(2 * length - 1, heads) * 0.02)
+        self.register_buffer("idx", torch.arange(length)[:, None] - torch.arange(length)[None, :] + length - 1)
+
+    def forward(self, x):
+        q, k = self.qk(x).view(x.shape[0], x.shape[1], 2, 8).unbind(2)
+        logits = q.unsqueeze(1) @ k.unsqueeze(1).transpose(-1, -2)
+        return logits + _rel_bias(self.table, self.idx)
+
+
+def test_a_function_fx_leaves_opaque_is_still_read_with_grad_on():
+    """The recorder that looks inside an fx-wrapped call runs with grad on (it skips only the
+    function's own no_grad blocks): the table it uses is reached, as a logit bias."""
+    p = nerofy.plan(WrappedFunction(), example_inputs=(torch.randn(2, 4, 8),), frontends=("fx", "modules"))
+    assert p.frontend == "fx"
+    e = p["table"]
+    assert e.frontend and "not used" not in e.reason and e.role in ("embedding", "additive"), e.reason
+    assert not e.balanced  # rows added to attention logits are logit biases
+
+
 # ---- 1b. constant-index gathers contracted with queries (decided: balanced per row) --------------
 class DecomposedRelPos(nn.Module):
     def __init__(self, length=5, d=8, zero=False):

@@ -324,8 +324,49 @@ def test_no_stream_factor_where_the_stream_is_not_at_the_rows_scale(kind):
     """Post-norm and scaled streams are not at the rows' scale; a stream that also takes a term no
     rule scales (routed) keeps every branch's gain, so the branches keep their mix."""
     plan = nerofy.plan(PreNorm(**{kind: True}), _idx())
-    assert plan["fc2.weight"].stream == () and plan["fc2.weight"].signal_gain() == pytest.approx(HE)
+    # post: ln1's output + fc2's branch, normalised by ln3 next, is a post-norm block: gain 1
+    want = 1.0 if kind == "post" else HE
+    assert plan["fc2.weight"].stream == () and plan["fc2.weight"].signal_gain() == pytest.approx(want)
+    assert plan["fc2.weight"].post_norm == (kind == "post")
     assert plan["attn.weight"].signal_gain() == 1.0
+
+
+class PostNormBlocks(nn.Module):
+    """BERT's block: ``norm(x + f(x))`` with ``x`` a norm's output; or pre-norm (``x + f(norm(x))``,
+    the sum carried on to the next block and a final norm)."""
+
+    def __init__(self, d=16, pre=False, blocks=2):
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.ln0 = nn.LayerNorm(d)
+        self.fc1 = nn.ModuleList(nn.Linear(d, 4 * d) for _ in range(blocks))
+        self.fc2 = nn.ModuleList(nn.Linear(4 * d, d) for _ in range(blocks))
+        self.ln = nn.ModuleList(nn.LayerNorm(d) for _ in range(blocks))
+        self.out = nn.Linear(d, 3)
+        self.pre = pre
+
+    def forward(self, x):
+        x = self.ln0(self.inp(x))
+        for fc1, fc2, ln in zip(self.fc1, self.fc2, self.ln):
+            if self.pre:
+                x = x + fc2(F.gelu(fc1(ln(x))))
+            else:
+                x = ln(x + fc2(F.gelu(fc1(x))))
+        return self.out(x)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record"])
+def test_a_post_norm_branch_ends_at_gain_1(frontend):
+    gelu = nerofy.gains.gain(("gelu", ()))
+    plan = make_plan(PostNormBlocks(), (torch.randn(2, 8),), frontends=(frontend,))
+    for i in range(2):
+        e = plan[f"fc2.{i}.weight"]
+        assert e.post_norm and e.signal_gain() == 1.0 and "post-norm" in e.reason
+        assert plan[f"fc1.{i}.weight"].signal_gain() == 1.0  # its input is a norm's output
+    pre = make_plan(PostNormBlocks(pre=True), (torch.randn(2, 8),), frontends=(frontend,))
+    for i in range(2):  # the pre-norm sum goes on to the next block: the branch keeps its signal gain
+        e = pre[f"fc2.{i}.weight"]
+        assert not e.post_norm and e.signal_gain() == pytest.approx(gelu)
 
 
 def test_stream_factor_follows_the_tables_overrides_and_json():
