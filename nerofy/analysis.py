@@ -64,6 +64,9 @@ class Act:
     summed: frozenset = frozenset()
     # a norm's output, unchanged since (a post-norm stream: each block's sum starts from one)
     normed: bool = False
+    # parameters that multiplied these activations elementwise, unchanged since: param -> (its gain
+    # finding, its dims per dim of this tensor). A sum over their dims next makes them contracted
+    scaled: dict = field(default_factory=dict, compare=False)
     # computed from these parameters and constants only, no input data (spectral norm's sigma of
     # W): dividing W by it reparametrizes W, it is not a second use
     of_params: frozenset = frozenset()
@@ -98,6 +101,9 @@ class Finding:
     vector_axis: int | None = None  # table uses: the parameter dim added along the activation's feature dim
     meets: str = ""  # table uses: "logits" when added to attention logits (a logit bias, not feature vectors)
     stream: tuple[str, ...] = ()  # role "stream": the output is added to a stream that starts as these tables' rows
+    # made under no_grad (spectral norm's power iteration; but also every op inside a custom
+    # autograd.Function's forward or a reentrant checkpoint): counts only where nothing else does
+    weak: bool = False
 
 
 def _map_nested(fn, x):
@@ -184,6 +190,33 @@ class Analyzer:
                 f.vector_axis = next(iter(org[feature]))
             self.findings.append(f)
 
+    def _track_scaling(self, op: str, args, kwargs, res: Act, before: int) -> None:
+        """``x * a`` then ``.sum(dim)`` over a's dims is ``x . a``: a contraction, not a gain."""
+        if op == "mul" and res.shape is not None:
+            new = [f for f in self.findings[before:] if f.role == "gain"]
+            ds = [v for v in _flat((args, kwargs)) if isinstance(v, Derived)]
+            if len(ds) == 1 and new and all(f.param in ds[0].origins for f in new):
+                orgs = _broadcast_origins(ds[0], len(res.shape))
+                res.scaled = {f.param: (f, orgs[f.param]) for f in new if f.param in orgs}
+            return
+        src = args[0] if args else None
+        if op not in R.SUMS or not isinstance(src, Act) or not src.scaled or src.shape is None:
+            return
+        nd = len(src.shape)
+        dim = args[1] if len(args) > 1 and not isinstance(args[1], bool) else kwargs.get("dim")
+        if dim is None:
+            return  # a sum of everything is a statistic, not a per-neuron dot product
+        dims = {d % nd for d in (dim if isinstance(dim, (list, tuple)) else [dim]) if isinstance(d, int)}
+        for p, (f, org) in src.scaled.items():
+            if f.role != "gain" or not any(org[d] for d in dims):
+                continue
+            rule = R.Contraction(neuron=tuple(d for d in range(nd) if d not in dims), fan_in=tuple(sorted(dims)))
+            g = Finding(p, "neuron", op=f"{f.op}+{op}", where=f.where, frontend=f.frontend,
+                        reason=f"multiplies activations elementwise, then {op} over its dims: a dot product")
+            g = self._map_contraction(p, org, frozenset(), rule, g)  # kept dims it does not span are data dims
+            if g.role == "neuron":
+                f.role, f.axes, f.op, f.reason = g.role, g.axes, g.op, g.reason
+
     def post_norm(self, x: Act) -> None:
         """A norm that takes ``x + f(x)`` with ``x`` a norm's output: the layers whose outputs were
         added end a post-norm branch (BERT's ``norm(x + f(x))``). Withdrawn if the sum is also
@@ -258,7 +291,10 @@ class Analyzer:
     def call(self, op: str, args: tuple, kwargs: dict, out_shape: Any = None, fn: Callable | None = None) -> Any:
         """Interpret one call. ``out_shape``: the output's shape (a tuple of tuples for several
         outputs) when the frontend knows it. Returns the value(s) describing the output."""
+        before = len(self.findings)
         res = self._call(op, args, kwargs, out_shape, fn)
+        if isinstance(res, Act):
+            self._track_scaling(op, args, kwargs, res, before)
         flat = list(_flat((args, kwargs)))
         acts = [v for v in flat if isinstance(v, Act)]
         ds = [v for v in flat if isinstance(v, Derived)]

@@ -487,6 +487,9 @@ def _key(f: Finding):
 
 def _resolve(name: str, shape: tuple[int, ...], findings: list[Finding]) -> Entry:
     """Merge the uses of one parameter into one entry, deterministically."""
+    # uses under no_grad (a power iteration) count only where no other use does (every use inside
+    # a custom autograd.Function's forward or a reentrant checkpoint is one)
+    findings = [f for f in findings if not f.weak] or findings
     streams = [f for f in findings if f.role == "stream"]  # where its output goes, not a use
     post = [f for f in findings if f.role == "postnorm"]  # likewise
     findings = [f for f in findings if f.role not in ("stream", "postnorm", "stream-sum")]

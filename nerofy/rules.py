@@ -174,6 +174,9 @@ WRITES = {"setitem", "copy", "index_put", "index_copy", "index_add", "slice_scat
 # reductions over some dims of a derived tensor (weight standardisation computes these)
 REDUCTIONS = {"mean", "sum", "std", "var", "norm", "vector_norm", "amax", "amin", "max", "min", "std_mean",
               "var_mean", "logsumexp", "prod", "nansum", "nanmean", "median", "frobenius_norm"}
+# sums over dims: after a parameter multiplied activations elementwise, a sum over the parameter's
+# own dims makes the pair a dot product (GAT's attention vectors, (h * v).sum(-1) scorers)
+SUMS = {"sum", "mean", "nansum", "nanmean"}
 # ops that only read shape/dtype or make a tensor "like" the argument: no value flows
 SHAPE_ONLY = {"size", "dim", "ndim", "numel", "shape", "zeros_like", "ones_like", "empty_like", "full_like",
               "randn_like", "rand_like", "new_zeros", "new_ones", "new_empty", "new_full", "new_tensor",

@@ -214,10 +214,7 @@ class _Recorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not torch.is_grad_enabled():
-            # computed under no_grad (spectral norm's power iteration, running statistics): no
-            # gradient reaches a parameter through it, so it is not a use; its result is a constant
-            return out
+        weak = not torch.is_grad_enabled()  # see Finding.weak
         name = _fn_name(func)
         if not _in_place(name) and not any(isinstance(t, torch.Tensor) for t in torch.utils._pytree.tree_leaves(out)):
             return out  # a metadata or scalar query (is_nested, .item()): reads no values as a layer does
@@ -225,12 +222,16 @@ class _Recorder(TorchFunctionMode):
         rargs = R.in_call_order(name, tree_map(self.resolve, args))
         rkw = tree_map(self.resolve, kwargs)
         target = args[0] if args and isinstance(args[0], torch.Tensor) and _in_place(name) else None
+        before = len(self.an.findings)
         try:
             val = self.an.call(op, rargs, rkw, _shapes_of(out if out is not None or target is None else target))
         except Exception as e:  # an op the analyzer cannot read must not stop the forward
             val = Const(None)
             for v in _iter_derived((rargs, rkw)):
                 self.an.emit(v, "free", op, f"analysis of '{op}' failed: {e}")
+        if weak:
+            for f in self.an.findings[before:]:
+                f.weak = True
         if target is not None and isinstance(val, (Derived, Act, Const)):
             self.mark(target, val)  # x[i] = w returns None; x.add_(w) returns x: either way x now carries w
         if isinstance(out, torch.Tensor) and isinstance(val, (Derived, Act, Const)):
@@ -379,7 +380,16 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
     def res(a):
         return fx.node.map_arg(a, lambda n: env.get(n, Const(None)))
 
+    weak_from = None  # findings from this index on come from a node made under no_grad (Finding.weak)
+
+    def settle_weak():
+        if weak_from is not None:
+            for f in an.findings[weak_from:]:
+                f.weak = True
+
     for node in graph.nodes:
+        settle_weak()
+        weak_from = len(an.findings) if node.meta.get("nerofy_no_grad") else None
         an.where = node.name
         shp = _shapes_of(node_vals.get(node)) if node in node_vals else None
         if node.op == "placeholder":
@@ -392,8 +402,6 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
                 env[node] = Const(tuple(obj.shape))
             else:
                 env[node] = obj
-        elif node.op in ("call_function", "call_method", "call_module") and node.meta.get("nerofy_no_grad"):
-            env[node] = [Const(x) for x in shp] if isinstance(shp, list) else Const(shp)
         elif node.op in ("call_function", "call_method"):
             args, kwargs = res(node.args), res(node.kwargs)
             if node.op == "call_function":
@@ -451,6 +459,7 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
         elif node.op == "output":
             for v in _iter_derived(res(node.args)):
                 an.emit(v, "free", "output", "returned by forward without being consumed")
+    settle_weak()
 
     # the recorder's look inside leaf modules and wrapped functions, for what no module rule covers
     an.findings.extend(inside_an.findings)

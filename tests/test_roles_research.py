@@ -239,6 +239,28 @@ def test_spectral_norm_power_iteration_is_not_a_use(frontends, style):
     assert not p.warnings
 
 
+class Checkpointed(nn.Module):
+    """A block run by a reentrant checkpoint: its forward runs under no_grad, and is still the use."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda t: torch.relu(self.fc1(t)), x, use_reentrant=True)
+        return self.fc2(h)
+
+
+def test_uses_that_are_all_under_no_grad_still_count():
+    x = torch.randn(3, 8, requires_grad=True)
+    p = nerofy.plan(Checkpointed(), example_inputs=(x,), frontends=("record", "modules"))
+    assert (p["fc1.weight"].role, p["fc1.weight"].axes, p["fc1.weight"].frontend) == ("neuron", (0,), "record")
+    assert "not reached" not in p["fc1.weight"].reason and "not used" not in p["fc1.weight"].reason
+    assert p["fc2.weight"].signal_gain() == pytest.approx(2 ** 0.5)
+
+
 def test_metadata_queries_are_not_uses():
     class LearnedQuery(nn.Module):
         def __init__(self):
@@ -313,3 +335,44 @@ def test_a_zero_initialised_relative_table_gets_directions_and_says_so(caplog):
     assert any("no direction" in r.getMessage() for r in caplog.records)
     rows = m.parametrizations.rel.original
     assert torch.allclose(rows.norm(dim=1), torch.ones(rows.shape[0]), atol=1e-5)
+
+
+# ---- 7. elementwise product, then a sum over the parameter's dims: a dot product ----------------
+class AttentionVectors(nn.Module):
+    """GAT-style scoring: ``(h * a).sum(-1)`` per head, and an additive-attention scorer ``v``."""
+
+    def __init__(self, heads=2, d=8):
+        super().__init__()
+        self.lin = nn.Linear(6, heads * d)
+        self.a = nn.Parameter(torch.randn(1, heads, d) * 0.1)
+        self.v = nn.Parameter(torch.randn(d) * 0.1)
+        self.heads, self.d = heads, d
+
+    def forward(self, x):
+        h = self.lin(x).view(-1, self.heads, self.d)
+        score = (h * self.a).sum(dim=-1)  # (n, heads)
+        pooled = (torch.tanh(h) * self.v).sum(-1)  # (n, heads)
+        return score.softmax(0) * pooled
+
+
+@pytest.mark.parametrize("frontends", FRONTENDS)
+def test_a_product_then_a_sum_over_the_parameters_dims_is_a_contraction(frontends):
+    p = _plan(AttentionVectors(), torch.randn(5, 6), frontends)
+    assert (p["a"].role, p["a"].axes, p["a"].fan_in) == ("neuron", (0, 1), 8)  # one neuron per head
+    assert (p["v"].role, p["v"].axes, p["v"].fan_in) == ("neuron", (), 8)  # one neuron: the scorer
+
+
+def test_a_product_not_summed_over_the_parameters_dims_stays_a_gain():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = nn.Parameter(torch.ones(8))
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.lin(x * self.g).sum(-1)  # summed after a layer, not over g's dims directly
+
+    p = nerofy.plan(Scale(), example_inputs=(torch.randn(4, 8),))
+    assert p["g"].role == "gain"
+    q = nerofy.plan(Scale(), example_inputs=(torch.randn(4, 8),))
+    assert q["lin.weight"].role == "neuron"
