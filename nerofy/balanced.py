@@ -84,7 +84,7 @@ class Balanced(nn.Module):
         return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}, grad={self.grad}"
 
 
-class _BalancedFn(torch.autograd.Function):
+class _BalancedCore(torch.autograd.Function):
     """``w = s * c / ||c||`` with ``c = V - mean(V)`` per neuron, with an analytic backward.
 
     Autograd through the generic ops keeps the centred copy and several temporaries alive until
@@ -93,8 +93,12 @@ class _BalancedFn(torch.autograd.Function):
     gradient ``dV = s / ||c|| * (g - mean(g) - u <u, g>)`` with ``u = c / ||c||``.
     """
 
+    # forward without ctx plus setup_context: the form torch.func transforms (vmap, grad, jacrev,
+    # functional_call inside them) accept; vmap's rule is generated from these torch ops
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, v: Tensor, layout: NeuronLayout, scale: float, raw: bool = False) -> Tensor:
+    def forward(v: Tensor, layout: NeuronLayout, scale: float, raw: bool = False) -> tuple[Tensor, Tensor]:
         view, dims = layout.neuron_view(v)
         c = view - view.mean(dim=dims, keepdim=True) if layout.center else view.clone()
         norm = torch.linalg.vector_norm(c, dim=dims, keepdim=True, dtype=_acc(c.dtype)).clamp_min_(1e-12)
@@ -103,13 +107,18 @@ class _BalancedFn(torch.autograd.Function):
             c.mul_(r)
         else:
             c = (c.to(_acc(c.dtype)) * r).to(v.dtype)
-        w = c.reshape(v.shape)
-        ctx.save_for_backward(w, norm)
-        ctx.layout, ctx.scale, ctx.raw = layout, scale, raw
-        return w
+        return c.reshape(v.shape), norm  # the norm per neuron, for backward (not differentiable)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def setup_context(ctx, inputs, output) -> None:
+        _, layout, scale, raw = (tuple(inputs) + (False,))[:4]
+        w, norm = output
+        ctx.save_for_backward(w, norm)
+        ctx.mark_non_differentiable(norm)
+        ctx.layout, ctx.scale, ctx.raw = layout, scale, raw
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_norm: Tensor | None = None):
         w, norm = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         acc = _acc(g.dtype)
@@ -137,6 +146,14 @@ class _BalancedFn(torch.autograd.Function):
             out = u * coef.neg_()
         out.addcmul_(gf, a)
         return out.to(g.dtype).reshape(g.shape), None, None, None
+
+
+class _BalancedFn:
+    """``_BalancedFn.apply(v, layout, scale, raw=False) -> w`` (the core also returns each neuron's norm)."""
+
+    @staticmethod
+    def apply(v: Tensor, layout: NeuronLayout, scale: float, raw: bool = False) -> Tensor:
+        return _BalancedCore.apply(v, layout, scale, raw)[0]
 
 
 @torch.no_grad()

@@ -376,3 +376,31 @@ def test_a_product_not_summed_over_the_parameters_dims_stays_a_gain():
     assert p["g"].role == "gain"
     q = nerofy.plan(Scale(), example_inputs=(torch.randn(4, 8),))
     assert q["lin.weight"].role == "neuron"
+
+
+# ---- 5b. a wrapped model under torch.func transforms -------------------------------------------
+def test_per_sample_gradients_of_a_wrapped_model_through_vmap_and_grad():
+    torch.manual_seed(0)
+    model, _ = nerofy.wrap(nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)),
+                           example_inputs=(torch.randn(2, 4),))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(5):  # the same as one ordinary backward per sample
+        model.zero_grad()
+        F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
+        for k, p in model.named_parameters():
+            torch.testing.assert_close(per_sample[k][i], p.grad, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_a_wrapped_model_runs_under_vmap():
+    torch.manual_seed(0)
+    model, _ = nerofy.wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)),
+                           example_inputs=(torch.randn(2, 4),))
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.vmap(model)(x), model(x))
