@@ -160,6 +160,7 @@ class Analyzer:
         # streams (by their tables) that met a sum whose other term no rule scales: none of their
         # branches gets the factor, so the branches keep their mix (never half the blocks scaled)
         self.broken_streams: set[frozenset] = set()
+        self.transformed = False  # the recorder followed tensors through a torch.func transform
         self._post_candidates: dict[int, list[Finding]] = {}  # sum uid -> its post-norm findings
 
     # ---- sources ---------------------------------------------------------------------------

@@ -58,11 +58,7 @@ class Balanced(nn.Module):
         return torch.tensor(self.scale, dtype=torch.float64)
 
     def set_extra_state(self, state) -> None:
-        if isinstance(state, dict):  # checkpoints written before the gain became a tensor
-            state = state["scale"]
-        if isinstance(state, Tensor) and state.numel() != 1:
-            raise ValueError(f"a balanced layer's gain must be one number, got a tensor of shape {tuple(state.shape)}")
-        self.scale = float(state)
+        self.scale = gain_from_state(state)
 
     def forward(self, v: Tensor) -> Tensor:
         if not self.layout.normalize:
@@ -82,6 +78,16 @@ class Balanced(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}, grad={self.grad}"
+
+
+def gain_from_state(state) -> float:
+    """A balanced layer's gain from its saved extra state: a 0-dim tensor, a number, or the
+    ``{"scale": s}`` dict of checkpoints written before the gain became a tensor."""
+    if isinstance(state, dict):
+        state = state["scale"]
+    if isinstance(state, Tensor) and state.numel() != 1:
+        raise ValueError(f"a balanced layer's gain must be one number, got a tensor of shape {tuple(state.shape)}")
+    return float(state)
 
 
 class _BalancedCore(torch.autograd.Function):

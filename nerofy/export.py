@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from .balanced import Balanced
+from .balanced import Balanced, gain_from_state
 from .layout import NeuronLayout, _acc
 
 __all__ = ["export_state_dict", "balanced_gain"]
@@ -43,12 +43,6 @@ def _balanced_lists(model: nn.Module):
 
 def _key(mname: str, rest: str) -> str:
     return f"{mname}.{rest}" if mname else rest
-
-
-def _gain_of(state) -> float:
-    if isinstance(state, dict):  # checkpoints written before the gain became a tensor
-        state = state["scale"]
-    return float(state)
 
 
 @torch.no_grad()
@@ -78,7 +72,7 @@ def export_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict:
             if isinstance(pz, Balanced):
                 if skey not in sd:
                     raise ValueError(f"cannot export {okey}: its gain {skey} is missing from the state_dict")
-                gains.append(_gain_of(sd[skey]))
+                gains.append(gain_from_state(sd[skey]))
                 w_key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), gains[-1], i)
                 if w_key not in done:
                     done[w_key] = Balanced(pz.layout, gains[-1], pz.grad)(w.detach())

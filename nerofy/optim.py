@@ -79,12 +79,17 @@ def _resolve(spec: NeuronLayout | str, shape: tuple[int, ...]) -> NeuronLayout:
     return spec
 
 
+# what nerofy.wrap puts on each tensor it hands Nero: its layout and least step scale, so that
+# groups built any other way ("auto") update it as wrap's optimizer does
+CARRIED_LAYOUT, CARRIED_MIN_SCALE = "_nerofy_layout", "_nerofy_min_scale"
+
+
 def _layout_of(p: Tensor, group: dict) -> NeuronLayout:
     """A group's layout for ``p``; in an "auto" group, the layout ``nerofy.wrap`` gave the tensor
     (it carries it: GPT-2's (in, out) weights are not rows) before the paper's rule."""
     spec = group["layout"]
     if spec == "auto":
-        spec = getattr(p, "_nerofy_layout", spec)
+        spec = getattr(p, CARRIED_LAYOUT, spec)
     return _resolve(spec, tuple(p.shape))
 
 
@@ -372,7 +377,7 @@ class Nero(torch.optim.Optimizer):
                 m = m.full_tensor()
             least = group.get("min_scale", 0.0)  # groups from older checkpoints lack it
             if group["layout"] == "auto":
-                least = max(least, getattr(p, "_nerofy_min_scale", 0.0))  # as nerofy.wrap gave it
+                least = max(least, getattr(p, CARRIED_MIN_SCALE, 0.0))  # as nerofy.wrap gave it
             s = max(float(m), least)
             if not math.isfinite(s) or s <= 0.0:
                 s = group["scale_floor"]

@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 from .balanced import GRAD_MODES, Balanced, balance, is_balanced
 from .export import load_plain_weights, route_save_pretrained, unroute_save_pretrained
 from .layout import NeuronLayout
-from .optim import Nero, check_min_scale
+from .optim import CARRIED_LAYOUT, CARRIED_MIN_SCALE, Nero, check_min_scale
 from .plan import Plan, make_plan
 from .scale import SCALE_MODES, init_scale
 
@@ -162,14 +162,8 @@ def _least_scale(role: str, unit: float | None) -> float:
 
 
 def _carry(t: torch.Tensor, lay: NeuronLayout, least: float) -> None:
-    t._nerofy_layout = lay
-    t._nerofy_min_scale = least
-
-
-def carried(t: torch.Tensor) -> tuple[NeuronLayout, float] | None:
-    """The (layout, least step scale) ``wrap`` gave tensor ``t``, or None."""
-    lay = getattr(t, "_nerofy_layout", None)
-    return None if lay is None else (lay, getattr(t, "_nerofy_min_scale", 0.0))
+    setattr(t, CARRIED_LAYOUT, lay)  # read by Nero's "auto" groups (optim._layout_of, _init_state)
+    setattr(t, CARRIED_MIN_SCALE, least)
 
 
 def _check_lr(lr):

@@ -270,7 +270,7 @@ def record(module: nn.Module, args: tuple, kwargs: dict, an: Analyzer, names: di
     # told apart from its uses
     with torch.enable_grad(), rec:
         module(*args, **kwargs)
-    an.transformed = getattr(an, "transformed", False) or rec.transformed
+    an.transformed = an.transformed or rec.transformed
     return {f.param for f in an.findings[before:]}
 
 
@@ -714,7 +714,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
         except Exception as e:
             out.attempts.append((f, f"{type(e).__name__}: {_short(e)}"))
             an = None
-    out.transformed = bool(getattr(an, "transformed", False))
+    out.transformed = an is not None and an.transformed
     for n in notes:
         out.attempts.append(("note", n))
     found: dict[str, list[Finding]] = {n: [] for n in shapes}
