@@ -142,6 +142,10 @@ def convert(
                                              help="local state_dict to load (plain, nerofy-wrapped, or under "
                                                   "'state_dict'/'model')"),
     strict: bool = typer.Option(True, "--strict/--no-strict", help="every checkpoint key must fit the model"),
+    keep: Optional[str] = typer.Option(None, "--keep", help="'function' (the default with --checkpoint): the "
+                                                            "wrapped model computes what the loaded one did, each "
+                                                            "neuron keeping its trained norm; 'direction' (the "
+                                                            "default otherwise): the paper's projection"),
     arg: Optional[List[str]] = typer.Option(None, "--arg", "-a", help="factory keyword, key=value (repeatable), "
                                                                       "e.g. --arg num_classes=10"),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="one sample's shape, e.g. 3,224,224 "
@@ -168,6 +172,9 @@ def convert(
 
     if bake and not output:
         raise CliError("--bake needs --output PATH")
+    keep = keep or ("function" if checkpoint else "direction")
+    if keep not in nerofy.KEEP_MODES:
+        raise CliError(f"--keep {keep}: choose from {', '.join(nerofy.KEEP_MODES)}")
     err = _err_console()
     say = (lambda msg: err.print(f"[dim]{escape(msg)}[/dim]"))
     source = jobs.reset_peak()
@@ -198,14 +205,14 @@ def convert(
     say(f"checking: {_describe(inputs)}, forward, backward, {steps} Nero steps")
     from nerofy.check import check_model
 
-    r = check_model(work, inputs, steps=steps, lr=lr, verify=verify, plan=plan, loss_fn=loss_fn)
+    r = check_model(work, inputs, steps=steps, lr=lr, verify=verify, plan=plan, loss_fn=loss_fn, keep=keep)
     times.update({k: v for k, v in r.times.items() if k != "plan"})  # the plan was made above
     del work
     saved = None
     if output:
         if r.status != "pass" and not force:
             raise CliError(f"check failed ({r.status}: {r.error}); not saving {output} (use --force to save anyway)")
-        m, _ = nerofy.wrap(m, lr=lr, plan=plan)
+        m, _ = nerofy.wrap(m, lr=lr, plan=plan, keep=keep)
         if bake:
             nerofy.bake(m)
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -218,7 +225,7 @@ def convert(
     result.update({
         "model": model, "input_size": sample_shape, "batch": batch, "steps": steps,
         "times": {k: round(v, 4) for k, v in times.items()}, "peak_rss_mb": round(peak, 1),
-        "start_rss_mb": round(base, 1), "peak_source": source, "checkpoint": ck, "output": saved,
+        "start_rss_mb": round(base, 1), "peak_source": source, "checkpoint": ck, "output": saved, "keep": keep,
         "attempts": [list(a) for a in plan.attempts], "versions": jobs.versions(),
     })
     if as_json:
@@ -299,6 +306,10 @@ def _print_summary(res: dict, plan) -> None:
     out.print("times: " + ", ".join(f"{k} {_fmt_s(v)}" for k, v in res["times"].items()))
     out.print(f"peak memory: {res['peak_rss_mb']:.0f} MB resident ({res['peak_rss_mb'] - res['start_rss_mb']:.0f} MB "
               f"above the start; {res['peak_source']})")
+    if res.get("keep") == "function":
+        ch = res.get("wrap_output_change")
+        out.print("kept: the trained function (each neuron's norm is its fixed gain; centring relaxed where a neuron "
+                  "has a mean)" + (f"; outputs at wrap moved by {ch:.1e} (relative)" if ch is not None else ""))
     if res.get("checkpoint"):
         c = res["checkpoint"]
         out.print(f"checkpoint: {escape(c['path'])} ({c['tensors']} tensors"

@@ -272,13 +272,23 @@ def plain_keys(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], in
                 sc = float(v["scale"])
             elif m.group(4) == "_extra_state" and isinstance(v, torch.Tensor) and v.numel() == 1:
                 sc = float(v)
+            elif m.group(4) == "_extra_state" and isinstance(v, torch.Tensor) and v.is_floating_point():
+                sc = v  # one gain per neuron (keep="function"), shaped to broadcast onto the weight
             if sc is not None:
                 key = f"{m.group(1)}.{m.group(2)}" if m.group(1) else m.group(2)
                 scales[key] = scales.get(key, 1.0) * sc
             continue
         out[k] = v
     for k, sc in scales.items():
-        if k in out and sc != 1.0:
+        if k not in out:
+            continue
+        if isinstance(sc, torch.Tensor):
+            if sc.dim() != out[k].dim() or torch.broadcast_shapes(sc.shape, out[k].shape) != out[k].shape:
+                raise CliError(f"{k}: its per-neuron gain of shape {tuple(sc.shape)} does not broadcast onto the "
+                               f"weight {tuple(out[k].shape)} (a grouped layout); save a plain export from the live "
+                               "model instead (nerofy.export_state_dict(model))")
+            out[k] = (out[k].to(sc.dtype) * sc).to(out[k].dtype)
+        elif sc != 1.0:
             out[k] = out[k] * sc
     return out, n
 

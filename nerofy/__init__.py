@@ -9,6 +9,8 @@ Public API::
     nerofy.param_groups(model)                          # wrap's Nero groups again (after FSDP2, in hooks)
     nerofy.Nero(params, lr=0.01, beta=0.999)            # the optimizer on its own
     nerofy.register_timm()                              # timm.optim.create_optimizer_v2(model, "nero")
+    nerofy.wrap(trained, keep="function")               # trained weights: the same outputs at wrap
+    nerofy.reestimate_bn(model, batches)                # BatchNorm statistics measured again
 """
 from .balanced import Balanced, balance, is_balanced
 from .export import export_state_dict
@@ -18,9 +20,11 @@ from .optim import Nero
 from .plan import ROLES, Entry, Plan
 from .rewrite import bake, is_wrapped, param_groups, plan, wrap
 from .scale import calibrate_
+from .trained import KEEP_MODES, reestimate_bn
 
 __version__ = "0.1.0"
 
 __all__ = ["wrap", "plan", "bake", "Nero", "Plan", "Entry", "ROLES", "NeuronLayout", "Balanced", "balance",
            "is_balanced", "is_wrapped", "calibrate_", "export_state_dict", "param_groups", "register_timm",
+           "reestimate_bn", "KEEP_MODES",
            "__version__"]

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .layout import NeuronLayout, _acc
+from .trained import view_gain
 
 __all__ = ["Balanced", "balance", "fill_dead_", "is_balanced"]
 
@@ -41,7 +42,7 @@ class Balanced(nn.Module):
       as on any gradient. It is not ``dL/dV``: with another optimizer, use ``"projected"``.
     """
 
-    def __init__(self, layout: NeuronLayout, scale: float = 1.0, grad: str = "projected"):
+    def __init__(self, layout: NeuronLayout, scale: float | Tensor = 1.0, grad: str = "projected"):
         super().__init__()
         if layout.elementwise or not layout.constrained:
             raise ValueError(f"Balanced needs a constrained neuron layout, got {layout}")
@@ -51,20 +52,56 @@ class Balanced(nn.Module):
         # a fixed per-layer gain (1 = the paper's unit norm), saved as extra state: a Python float
         # here (meta -> to_empty() cannot leave it uninitialised, as it would a buffer), a 0-dim
         # float64 tensor in state_dicts (safetensors, HF, accelerate and DCP take tensors only)
-        self.scale = float(scale)
+        self.scale = 1.0
+        # or one gain per neuron (wrap(keep="function"): each trained neuron keeps its norm), in the
+        # form that broadcasts onto the weight (nerofy.trained.dense_gain); a buffer so .to()/.cuda()
+        # move it, not persistent because the extra state carries it
+        self.register_buffer("neuron_gain", None, persistent=False)
+        self._set_gain(scale)
         self.grad = grad  # a training choice, like the optimizer's: not saved in checkpoints
 
+    def _set_gain(self, g: float | Tensor) -> None:
+        if isinstance(g, Tensor) and g.numel() != 1:
+            if not g.is_floating_point():
+                raise ValueError(f"a per-neuron gain must be a floating-point tensor, got {g.dtype}")
+            old = self.neuron_gain
+            self.scale = 1.0
+            self.neuron_gain = g.detach().to(device=old.device if old is not None else g.device,
+                                             dtype=torch.float64 if g.dtype == torch.float64 else torch.float32)
+        else:
+            self.scale = float(g)
+            self.neuron_gain = None
+
+    @property
+    def per_neuron(self) -> bool:
+        return self.neuron_gain is not None
+
+    def gain(self, like: Tensor | None = None) -> float | Tensor:
+        """The gain as applied: a number, or the per-neuron tensor (times ``scale``; on ``like``'s
+        device) as a keepdim tensor that broadcasts onto ``layout.neuron_view(w)``."""
+        if self.neuron_gain is None:
+            return self.scale
+        g = view_gain(self.neuron_gain if like is None else self.neuron_gain.to(like.device), self.layout)
+        return g * self.scale if self.scale != 1.0 else g
+
     def get_extra_state(self) -> Tensor:
+        if self.neuron_gain is not None:  # the weight-broadcastable form (see nerofy.trained.dense_gain)
+            g = self.neuron_gain * self.scale if self.scale != 1.0 else self.neuron_gain
+            return g.detach().to(device="cpu", dtype=torch.float64)
         return torch.tensor(self.scale, dtype=torch.float64)
 
     def set_extra_state(self, state) -> None:
-        self.scale = gain_from_state(state)
+        self._set_gain(gain_from_state(state))
 
     def forward(self, v: Tensor) -> Tensor:
+        g = self.gain(v)
         if not self.layout.normalize:
             w = self.layout.project(v)
-            return w * self.scale if self.scale != 1.0 else w
-        return _BalancedFn.apply(v, self.layout, self.scale, self.grad == "paper")
+            if isinstance(g, Tensor):
+                view, _ = self.layout.neuron_view(w)
+                return (view * g.to(w.dtype)).reshape(w.shape)
+            return w * g if g != 1.0 else w
+        return _BalancedFn.apply(v, self.layout, g, self.grad == "paper")
 
     @torch.no_grad()
     def right_inverse(self, w: Tensor) -> Tensor:
@@ -77,16 +114,20 @@ class Balanced(nn.Module):
         return v
 
     def extra_repr(self) -> str:
-        return f"{self.layout.describe()}, center={self.layout.center}, scale={self.scale:g}, grad={self.grad}"
+        g = f"per-neuron ({self.neuron_gain.numel()})" if self.neuron_gain is not None else f"{self.scale:g}"
+        return f"{self.layout.describe()}, center={self.layout.center}, scale={g}, grad={self.grad}"
 
 
-def gain_from_state(state) -> float:
-    """A balanced layer's gain from its saved extra state: a 0-dim tensor, a number, or the
-    ``{"scale": s}`` dict of checkpoints written before the gain became a tensor."""
+def gain_from_state(state) -> float | Tensor:
+    """A balanced layer's gain from its saved extra state: a 0-dim tensor, a number, the
+    ``{"scale": s}`` dict of checkpoints written before the gain became a tensor, or a tensor of
+    one gain per neuron (``wrap(keep="function")``; returned as a float64 tensor)."""
     if isinstance(state, dict):
         state = state["scale"]
     if isinstance(state, Tensor) and state.numel() != 1:
-        raise ValueError(f"a balanced layer's gain must be one number, got a tensor of shape {tuple(state.shape)}")
+        if not state.is_floating_point():
+            raise ValueError(f"a balanced layer's gain must be floating point, got {state.dtype}")
+        return state.detach().to(torch.float64)
     return float(state)
 
 
@@ -104,11 +145,12 @@ class _BalancedCore(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(v: Tensor, layout: NeuronLayout, scale: float, raw: bool = False) -> tuple[Tensor, Tensor]:
+    def forward(v: Tensor, layout: NeuronLayout, scale: float | Tensor, raw: bool = False) -> tuple[Tensor, Tensor]:
+        # scale: one number, or one per neuron (a keepdim tensor over the neuron view)
         view, dims = layout.neuron_view(v)
         c = view - view.mean(dim=dims, keepdim=True) if layout.center else view.clone()
         norm = torch.linalg.vector_norm(c, dim=dims, keepdim=True, dtype=_acc(c.dtype)).clamp_min_(1e-12)
-        r = scale / norm
+        r = scale / norm if not isinstance(scale, Tensor) else scale.to(norm.dtype) / norm
         if c.dtype == _acc(c.dtype):  # fp32/fp64, or complex64/128 times its (real) norm
             c.mul_(r)
         else:
@@ -128,6 +170,8 @@ class _BalancedCore(torch.autograd.Function):
         w, norm = ctx.saved_tensors
         layout, scale = ctx.layout, ctx.scale
         acc = _acc(g.dtype)
+        if isinstance(scale, Tensor):
+            scale = scale.to(norm.dtype)
         if ctx.raw:  # the paper's gradient: g itself, radial and mean parts kept (see Balanced)
             gv, _ = layout.neuron_view(g)
             return (gv.to(acc) * (scale / norm)).to(g.dtype).reshape(g.shape), None, None, None
@@ -135,6 +179,8 @@ class _BalancedCore(torch.autograd.Function):
             # the common case: rows of a 2-D view, reductions along dim 1 (no permuted strides)
             wv, gv, dims = w.view(w.shape[0], -1), g.view(g.shape[0], -1), (1,)
             norm = norm.view(-1, 1)
+            if isinstance(scale, Tensor):
+                scale = scale.reshape(-1, 1)
         else:
             wv, dims = layout.neuron_view(w)
             gv, _ = layout.neuron_view(g)
@@ -145,7 +191,9 @@ class _BalancedCore(torch.autograd.Function):
         a = scale / norm
         # <u, g> is the real inner product: a complex weight is a pair of real ones (Re conj(u) g)
         ug = (u.conj() * gf).real if gf.is_complex() else u * gf
-        coef = ug.sum(dim=dims, keepdim=True).mul_(a).div_(scale * scale)
+        # a per-neuron gain may be 0 (a zero neuron kept at zero): then u = a = 0 and so is coef
+        s2 = scale * scale if not isinstance(scale, Tensor) else (scale * scale).clamp_min_(1e-30)
+        coef = ug.sum(dim=dims, keepdim=True).mul_(a).div_(s2)
         if layout.center:
             out = torch.addcmul(gf.mean(dim=dims, keepdim=True).mul_(-a), u, coef, value=-1.0)
         else:
@@ -158,7 +206,7 @@ class _BalancedFn:
     """``_BalancedFn.apply(v, layout, scale, raw=False) -> w`` (the core also returns each neuron's norm)."""
 
     @staticmethod
-    def apply(v: Tensor, layout: NeuronLayout, scale: float, raw: bool = False) -> Tensor:
+    def apply(v: Tensor, layout: NeuronLayout, scale: float | Tensor, raw: bool = False) -> Tensor:
         return _BalancedCore.apply(v, layout, scale, raw)[0]
 
 
@@ -189,7 +237,8 @@ def fill_dead_(t: Tensor, layout: NeuronLayout, dead: Tensor | None = None) -> i
     return n_dead
 
 
-def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float = 1.0, grad: str = "projected") -> Balanced:
+def balance(module: nn.Module, name: str, layout: NeuronLayout, scale: float | Tensor = 1.0,
+            grad: str = "projected") -> Balanced:
     """Constrain ``module.<name>`` to the balanced set along ``layout`` (in place) and return the
     parametrization. The stored tensor becomes ``module.parametrizations[name].original``."""
     if not isinstance(module, nn.Module):

@@ -14,9 +14,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils._pytree import tree_leaves
 
+from .balanced import Balanced
 from .layout import upcast
 from .plan import Plan, make_plan, positional_inputs
-from .rewrite import wrap
+from .rewrite import wrap, wrapped_plan
 from .trace import call
 from .verify import verify_axes
 
@@ -39,6 +40,7 @@ class CheckResult:
     times: dict = field(default_factory=dict)
     max_constraint_error: float = 0.0
     loss: list = field(default_factory=list)
+    wrap_output_change: float | None = None  # keep="function": relative output change at wrap
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +57,8 @@ def default_loss(out: Any) -> torch.Tensor:
 
 def constraint_error(model: nn.Module, plan: Plan) -> float:
     """Largest |mean| or |norm / gain - 1| over the constrained neurons of a wrapped model (each
-    balanced tensor's norm is its fixed gain, 1 under the paper's unit norm)."""
+    balanced neuron's norm is its fixed gain: 1 under the paper's unit norm, the trained norm under
+    ``keep="function"``; a neuron of gain 0 must be 0)."""
     worst = 0.0
     mods = dict(model.named_modules())
     for e in plan:
@@ -67,12 +70,37 @@ def constraint_error(model: nn.Module, plan: Plan) -> float:
         gain = 1.0
         if parametrize.is_parametrized(mod, attr):
             for pz in mod.parametrizations[attr]:
-                gain *= float(getattr(pz, "scale", 1.0))
+                gain = gain * (pz.gain(w) if isinstance(pz, Balanced) else float(getattr(pz, "scale", 1.0)))
         view, dims = e.layout().neuron_view(w)
+        norms = torch.linalg.vector_norm(view, dim=dims, keepdim=True)
+        gain = torch.as_tensor(gain, dtype=norms.dtype, device=norms.device).expand_as(norms)
+        live = gain > 0
+        scale = torch.where(live, gain, torch.ones_like(gain))
         if e.center:
-            worst = max(worst, float(view.mean(dim=dims).abs().max()) / gain)
-        worst = max(worst, float((torch.linalg.vector_norm(view, dim=dims) / gain - 1).abs().max()))
+            worst = max(worst, float((view.mean(dim=dims, keepdim=True).abs() / scale).max()))
+        err = torch.where(live, (norms / scale - 1).abs(), norms)
+        worst = max(worst, float(err.max()) if err.numel() else 0.0)
     return worst
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, inputs) -> list[torch.Tensor]:
+    """The floating outputs of one eval-mode forward (dropout off, BatchNorm on its statistics)."""
+    was = model.training
+    model.eval()
+    try:
+        return [upcast(t) for t in tree_leaves(call(model, inputs))
+                if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())]
+    finally:
+        model.train(was)
+
+
+def _change(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    if len(a) != len(b) or not a:
+        return float("inf") if len(a) != len(b) else 0.0
+    top = max(float(x.abs().max()) if x.numel() else 0.0 for x in a)
+    diff = max(float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(a, b))
+    return diff / top if top > 0 else diff
 
 
 def _err(e: BaseException) -> str:
@@ -81,8 +109,13 @@ def _err(e: BaseException) -> str:
 
 
 def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 0.01, verify: bool | str = True,
-                plan: Plan | None = None, plan_inputs: Any = None, tol: float = 1e-4, loss_fn=default_loss) -> CheckResult:
+                plan: Plan | None = None, plan_inputs: Any = None, tol: float = 1e-4, loss_fn=default_loss,
+                keep: str = "direction") -> CheckResult:
     """Run the whole check on ``model`` (modified in place: it ends up wrapped).
+
+    ``keep``: as in ``wrap``; with ``"function"`` the result also holds how far the wrapped
+    model's outputs moved at wrap (``wrap_output_change``: max abs difference over the largest
+    output magnitude), which must be rounding.
 
     ``verify``: True checks every constrained parameter's axes, ``"sample"`` one per distinct
     (module type, shape, axes) (``axes["sampled_out"]`` counts the rest), False none."""
@@ -127,13 +160,22 @@ def check_model(model: nn.Module, inputs: tuple, *, steps: int = 3, lr: float = 
             r.status, r.error = "fail_plan", "axis check failed: " + r.axis_failures[0]
             return r
 
+    before = _outputs(model, inputs) if keep == "function" else None
     t = time.perf_counter()
     try:
-        model, opt = wrap(model, lr=lr, plan=plan)
+        model, opt = wrap(model, lr=lr, plan=plan, keep=keep)
     except Exception as e:
         r.status, r.error = "fail_rewrite", _err(e)
         return r
     r.times["wrap"] = time.perf_counter() - t
+    plan = wrapped_plan(model) or plan  # keep="function" records what it relaxed in the model's copy
+    r.warnings += [w for w in plan.warnings if w not in r.warnings]
+    if before is not None:
+        r.wrap_output_change = _change(before, _outputs(model, inputs))
+        if not r.wrap_output_change <= tol:
+            r.status, r.error = "fail_numerics", (f"keep='function' changed the outputs at wrap by "
+                                                  f"{r.wrap_output_change:.2e} (relative) > {tol:g}")
+            return r
 
     model.train()
     for i in range(max(1, steps)):

@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 
 from .balanced import Balanced, gain_from_state
 from .layout import NeuronLayout, _acc
+from .trained import _mean_share, neuron_norms
 
 __all__ = ["export_state_dict", "balanced_gain"]
 
@@ -73,7 +74,8 @@ def export_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict:
                 if skey not in sd:
                     raise ValueError(f"cannot export {okey}: its gain {skey} is missing from the state_dict")
                 gains.append(gain_from_state(sd[skey]))
-                w_key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), gains[-1], i)
+                g_key = gains[-1] if not isinstance(gains[-1], Tensor) else id(sd[skey])  # per-neuron: by object
+                w_key = (w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), g_key, i)
                 if w_key not in done:
                     done[w_key] = Balanced(pz.layout, gains[-1], pz.grad)(w.detach())
                 w = done[w_key]
@@ -124,13 +126,26 @@ def balanced_gain(w: Tensor, layout: NeuronLayout, rtol: float | None = None) ->
     return float(s)
 
 
+def per_neuron_gain(w: Tensor, layout: NeuronLayout, rtol: float = 1e-5) -> Tensor | None:
+    """Each neuron's norm (as :func:`nerofy.trained.neuron_norms`) if ``w`` respects ``layout``'s centring
+    (to ``rtol`` of each norm), else None: for a layer with one gain per neuron
+    (``wrap(keep="function")``), loading ``w`` as directions + these gains keeps it exactly."""
+    if w.is_meta or w.numel() == 0:
+        return None
+    if layout.center and _mean_share(w, layout) > max(rtol, 16 * torch.finfo(w.dtype).eps):
+        return None
+    return neuron_norms(w, layout)
+
+
 @torch.no_grad()
 def load_plain_weights(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                        error_msgs) -> None:
     """Load-state-dict pre-hook of a wrapped model: plain ``weight`` keys load into it.
 
     A plain weight that is balanced already (a nerofy export: every neuron centred, one common norm
-    ``s``) loads exactly, as its direction with gain ``s``. Any other is projected onto the balanced
+    ``s``) loads exactly, as its direction with gain ``s``; into a layer with one gain per neuron
+    (``keep="function"``) any weight that respects its centring loads exactly, each neuron's norm
+    becoming its gain. Any other is projected onto the balanced
     set and keeps this model's gain, which changes the function (logged). Tied aliases a plain
     checkpoint left out (HF drops ``lm_head.weight``) are filled from the tensor they share. A
     wrapped tensor without its gain is an error, also under ``strict=False``.
@@ -158,8 +173,9 @@ def load_plain_weights(module, state_dict, prefix, local_metadata, strict, missi
         extra = []
         for pz in reversed(list(plist)):
             if isinstance(pz, Balanced):
-                s = balanced_gain(w, pz.layout)
-                extra.append(torch.tensor(pz.scale if s is None else s, dtype=torch.float64))
+                s = per_neuron_gain(w, pz.layout) if pz.per_neuron else balanced_gain(w, pz.layout)
+                extra.append(pz.get_extra_state() if s is None else
+                             s.to(torch.float64) if isinstance(s, Tensor) else torch.tensor(s, dtype=torch.float64))
                 exact, projected = (exact + 1, projected) if s is not None else (exact, projected + 1)
             else:
                 extra.append(pz.get_extra_state() if hasattr(pz, "get_extra_state") else None)

@@ -75,6 +75,8 @@ class Entry:
     stream_rms: float | None = None
     # neurons whose output is added to a residual sum that a norm takes next (post-norm): gain 1
     post_norm: bool = False
+    # wrap(keep="function"): each neuron's fixed gain is its norm in the weights at wrap time
+    kept: bool = False
 
     @property
     def constrained(self) -> bool:
@@ -212,7 +214,7 @@ class Plan:
             if center is not None:
                 e.center = bool(center)
             if gain is not None:
-                e.gain = float(gain)
+                e.gain, e.kept = float(gain), False  # a gain of the user's replaces the trained norms
             e.fan_in = None
             if e.constrained or e.role == "embedding":
                 lay = NeuronLayout(e.axes, e.split_axis, e.groups)
@@ -262,10 +264,11 @@ class Plan:
             axes = "" if e.axes is None else ",".join(map(str, e.axes))
             if e.groups > 1:
                 axes += f" +{e.groups}g(ax{e.split_axis})"
-            g = e.signal_gain() if e.constrained else None
+            g = e.signal_gain() if e.constrained and not e.kept else None
             out.append((e.name, "x".join(map(str, e.shape)) or "scalar", e.role + (" (balanced)" if e.balanced else ""),
                         axes, "" if e.fan_in is None else str(e.fan_in), "yes" if e.constrained and e.center else "",
-                        "" if g is None else f"{g:.3g}", e.op, e.frontend, e.reason))
+                        "trained" if e.kept and e.constrained else "" if g is None else f"{g:.3g}", e.op, e.frontend,
+                        e.reason))
         return out
 
     HEADER = ("name", "shape", "role", "axes", "fan-in", "centred", "gain", "op", "frontend", "reason")

@@ -19,6 +19,7 @@ from .layout import NeuronLayout
 from .optim import CARRIED_LAYOUT, CARRIED_MIN_SCALE, Nero, check_min_scale
 from .plan import Plan, make_plan
 from .scale import SCALE_MODES, init_scale
+from .trained import KEEP_MODES, keep_function, neuron_norms, stale_norm_layers
 
 log = logging.getLogger("nerofy")
 
@@ -78,12 +79,19 @@ def apply_plan(model: nn.Module, plan: Plan, scale: str = "signal", update: str 
             targets[e.name] = p
             continue
         lay = e.layout()
-        gain = init_scale(p, lay) if scale == "init" else e.signal_gain() if scale == "signal" else 1.0
+        gain = _gain(e, p, lay, scale)
         for mod, attr in aliases[id(p)]:
             balance(mod, attr, lay, gain, update)
         mod, attr = aliases[id(p)][0]
         targets[e.name] = mod.parametrizations[attr].original
     return targets
+
+
+def _gain(e, p: torch.Tensor, lay: NeuronLayout, scale: str):
+    """The fixed gain ``apply_plan`` gives a constrained tensor: per neuron for a kept entry."""
+    if e.kept:
+        return neuron_norms(p, lay)
+    return init_scale(p, lay) if scale == "init" else e.signal_gain() if scale == "signal" else 1.0
 
 
 # unconstrained roles whose step scale is at least this (Nero's min_scale): a gain multiplies a
@@ -94,7 +102,7 @@ UNIT_STEP_ROLES = {"gain": 1.0}
 
 
 def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "signal",
-         update: str = "paper", **nero_options):
+         update: str = "paper", keep: str = "direction", **nero_options):
     """Plan (unless given), rewrite ``model`` in place as a balanced network, and return
     ``(model, optimizer)`` with a :class:`Nero` whose param groups match the plan.
 
@@ -108,6 +116,12 @@ def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | Non
     (``UNIT_STEP_ROLES``, Nero's ``min_scale``): a zero-initialised BN gain would otherwise move
     ``lr * 0.01`` per step, and a LayerScale at 1e-5 never. ``min_scale=`` sets that least scale
     (0: the paper's scale, the initial mean magnitude alone).
+
+    ``keep``: ``"direction"`` (default: each neuron keeps its centred direction and gets the gain
+    above, the paper's start; trained weights change their function) or ``"function"`` (for trained
+    weights: each neuron keeps its trained norm as a fixed gain and is left uncentred where its
+    mean is more than rounding, so the wrapped model computes what the trained one did; see
+    :mod:`nerofy.trained`). ``scale`` does not apply with ``"function"``.
 
     ``lr``: the angle per step, or a dict of parameter-name patterns (fnmatch over the plan's names,
     first match wins) to learning rates, ``"*"`` the default: ``lr={"lm_head.*": 1e-3, "*": 0.01}``.
@@ -127,12 +141,24 @@ def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | Non
                          "constraints. Use the optimizer you got the first time (or nerofy.Nero(nerofy.param_groups("
                          "model))), or nerofy.bake(model) first. In a framework hook that runs on every fit "
                          "(Lightning's configure_optimizers), wrap once in __init__ instead.")
+    if keep not in KEEP_MODES:
+        raise ValueError(f"unknown keep mode {keep!r}; choose from {', '.join(KEEP_MODES)} ('function' keeps a "
+                         "trained model's outputs: each neuron keeps its norm as its gain)")
+    if keep == "function" and scale != "signal":
+        raise ValueError(f"keep='function' gives each neuron its trained norm as gain; scale={scale!r} does not "
+                         "apply with it (leave scale at its default)")
     unit = nero_options.pop("min_scale", None)
     if unit is not None:
         check_min_scale(unit)  # before the model is touched
     lrs = _check_lr(lr)
     if plan is None:
         plan = make_plan(model, example_inputs)
+    params = dict(model.named_parameters())
+    if keep == "function":
+        plan = copy.deepcopy(plan)  # the caller's plan stays as it was; the model's records what was done
+        plan.warnings.extend(keep_function(plan, params))
+    else:
+        _warn_stale_norms(model, plan, params, scale)
     for w in plan.warnings:
         log.warning("nerofy: %s", w)
     if isinstance(lrs, dict):
@@ -154,6 +180,29 @@ def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | Non
 
 
 DEFAULT_LR = 0.01
+
+
+def _warn_stale_norms(model: nn.Module, plan: Plan, params: dict, scale: str) -> None:
+    """Warn when BatchNorm layers hold running statistics from training and the rewrite is about
+    to change trained weights (projection, another gain): in eval mode those statistics are stale."""
+    stale = stale_norm_layers(model)
+    if not stale:
+        return
+    from .export import balanced_gain
+
+    changed = 0
+    for e in plan:
+        if not e.constrained or e.name not in params:
+            continue
+        p, lay = params[e.name], e.layout()
+        s, g = balanced_gain(p, lay), _gain(e, p, lay, scale)
+        changed += s is None or abs(s - float(g)) > 1e-4 * max(abs(float(g)), 1e-12)
+    if changed:
+        log.warning("nerofy: %d BatchNorm layers (%s) hold running statistics from training, and wrapping changes "
+                    "%d trained weight tensors (each neuron projected onto the balanced set): in eval mode those "
+                    "statistics no longer fit. Re-estimate them with nerofy.reestimate_bn(model, batches), or wrap "
+                    "with keep='function' to keep the trained function.", len(stale),
+                    ", ".join(stale[:3]) + (" ..." if len(stale) > 3 else ""), changed)
 
 
 def _least_scale(role: str, unit: float | None) -> float:

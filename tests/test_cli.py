@@ -157,6 +157,30 @@ def test_checkpoint_wrapped_in_a_dict_with_module_prefix(runner, tmp_path):
     assert d["status"] == "pass" and d["checkpoint"]["tensors"] == len(m.state_dict())
 
 
+def test_checkpoint_keeps_the_trained_function_by_default(runner, tmp_path):
+    """--checkpoint wraps with keep="function": the saved wrapped model computes what the loaded
+    (trained) weights did; --keep direction is the paper's projection, which does not."""
+    m = M.create(TINY)
+    torch.manual_seed(1)
+    with torch.no_grad():  # "trained": every weight moved off its init, neurons with means
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p) + 0.01)
+    path, out = tmp_path / "trained.pt", tmp_path / "kept.pt"
+    torch.save(m.state_dict(), path)
+    d = _json(runner.invoke(app, ["convert", TINY, "--steps", "1", "--checkpoint", str(path), "--output", str(out),
+                                  "--bake", "--json"]))
+    assert d["status"] == "pass" and d["keep"] == "function" and d["wrap_output_change"] < 1e-5
+    assert any("keep='function'" in w for w in d["warnings"])
+    baked = torch.load(out, weights_only=True)
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(baked[k], v, atol=1e-5, rtol=1e-5)
+    d = _json(runner.invoke(app, ["convert", TINY, "--steps", "1", "--checkpoint", str(path), "--keep", "direction",
+                                  "--json"]))
+    assert d["keep"] == "direction" and d["wrap_output_change"] is None
+    res = runner.invoke(app, ["convert", TINY, "--keep", "weights"])
+    assert res.exit_code == 1 and "--keep weights: choose from direction, function" in res.stderr
+
+
 def test_checkpoint_that_does_not_fit(runner, tmp_path):
     path = tmp_path / "bad.pt"
     torch.save({"nope.weight": torch.zeros(3)}, path)

@@ -78,3 +78,25 @@ def test_peft_save_pretrained_loads_on_the_plain_base_with_the_same_outputs(tmp_
     with torch.no_grad():
         untouched = _lora(_base()).eval()(input_ids=_ids(99)).logits
     assert not torch.allclose(got, untouched, atol=1e-3)
+
+
+def test_keep_function_keeps_a_fresh_lora_model_and_its_zero_adapters_train():
+    """LoRA's B starts at zero, so the adapted model starts as the base: keep="function" keeps that
+    (the default wrap gives B a random balanced direction and moves the logits), and B, left
+    unconstrained as an all-zero tensor, moves from zero in training."""
+    ids = _ids(0)
+    base_logits = _base()(input_ids=ids).logits
+    model, opt = nerofy.wrap(_lora(_base()), example_inputs={"input_ids": ids}, keep="function")
+    assert (model(input_ids=ids).logits - base_logits).abs().max() < 1e-5
+    plan = nerofy.rewrite.wrapped_plan(model)
+    bs = [e for e in plan if ".lora_B." in e.name]
+    assert bs and all(e.role == "free" for e in bs)
+    assert all(e.kept for e in plan if ".lora_A." in e.name)
+    loss = model(input_ids=ids, labels=ids).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    b = dict(model.named_parameters())
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in b.items() if ".lora_B." in n)
+    default, _ = nerofy.wrap(_lora(_base()), example_inputs={"input_ids": ids})
+    assert (default(input_ids=ids).logits - base_logits).abs().max() > 1e-2
