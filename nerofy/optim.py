@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from . import _triton  # imports triton itself only on a step that uses it
 from .layout import ELEMENTWISE, ROWS, NeuronLayout
 
 __all__ = ["Nero", "nero_update"]
@@ -116,6 +117,7 @@ def nero_update(
     foreach: bool = True,
     skip_nonfinite: bool = True,
     fused: bool = False,
+    counter: Tensor | None = None,
 ) -> int:
     """Apply one Nero step in place.
 
@@ -125,6 +127,9 @@ def nero_update(
     ``fused``: update the tensors the fused CPU kernel can take (fp32 on CPU, each neuron one
     contiguous block of memory) with it, and the rest with the foreach (or reference) path; silently
     all foreach/reference where the kernel is unavailable (see :mod:`nerofy._fused`).
+    ``counter``: an int64 tensor on the tensors' device; when given, non-finite gradients are
+    masked and counted into it on the device (no host sync, the foreach path's route off the CPU),
+    and they are not part of the returned count.
     Returns the number of neurons/elements whose non-finite gradient was treated as zero.
     """
     lr = float(lr)  # a 0-dim tensor lr (accepted by Nero) cannot go into the foreach scalar lists
@@ -154,9 +159,11 @@ def nero_update(
         nw.append(wv), ng.append(gv), ndims.append(d), nv.append(v), nlay.append(lay)
     norms = _neuron_norms(ng, ndims)
     eg = [g for _, g, _, _, _ in elements]
-    enorm = list(torch._foreach_norm(eg)) if eg and skip_nonfinite else []
+    enorm = list(torch._foreach_norm(eg)) if eg and skip_nonfinite and counter is None else []
 
-    if skip_nonfinite and not _all_finite([norms, enorm]):
+    if skip_nonfinite and counter is not None:
+        ng, norms, eg = _sanitize_on_device(ng, norms, eg, counter)
+    elif skip_nonfinite and not _all_finite([norms, enorm]):
         ng, norms, eg, n_bad = _sanitize(ng, norms, eg)
         skipped += n_bad
 
@@ -216,6 +223,46 @@ def _sanitize(ng, norms, eg):
             g = g.masked_fill(bad, 0.0)
         eg2.append(g)
     return ng2, norms2, eg2, skipped
+
+
+def _sanitize_on_device(ng, norms, eg, counter: Tensor):
+    """:func:`_sanitize` without reading anything back: masks and counts stay on the device."""
+    ng2, norms2, eg2 = [], [], []
+    for g, nrm in zip(ng, norms):
+        bad = ~torch.isfinite(nrm)
+        counter.add_(bad.sum())
+        ng2.append(torch.where(bad, 0.0, g)), norms2.append(torch.where(bad, 0.0, nrm))
+    for g in eg:
+        bad = ~torch.isfinite(g)
+        counter.add_(bad.sum())
+        eg2.append(torch.where(bad, 0.0, g))
+    return ng2, norms2, eg2
+
+
+def _update_capturable(neurons, elements, *, lr, beta, eps, skip_nonfinite, counter: Tensor) -> None:
+    """The reference mathematics with nothing read back to the host, for ``capturable=True`` off
+    the Triton route (and under ``torch.compile``): ``lr`` may be a tensor, each step count is a
+    device tensor, non-finite gradients are masked and counted into ``counter`` on the device."""
+    for w, g, v, lay, t, s in neurons:
+        wv, d = lay.neuron_view(w)
+        gv, _ = lay.neuron_view(g)
+        sq = _sq(gv).sum(dim=d, keepdim=True)
+        if skip_nonfinite:
+            bad = ~torch.isfinite(sq)
+            counter.add_(bad.sum())
+            gv, sq = torch.where(bad, 0.0, gv), torch.where(bad, 0.0, sq)
+        v.mul_(beta).add_((1.0 - beta) * sq)
+        v_hat = v / (1.0 - beta ** t)
+        wv.sub_((lr * s) * gv / v_hat.sqrt().clamp_min(eps))
+        _project_(wv, d, lay)
+    for w, g, v, t, s in elements:
+        if skip_nonfinite:
+            bad = ~torch.isfinite(g)
+            counter.add_(bad.sum())
+            g = torch.where(bad, 0.0, g)
+        v.mul_(beta).add_((1.0 - beta) * _sq(g))
+        v_hat = v / (1.0 - beta ** t)
+        w.sub_((lr * s) * g / v_hat.sqrt().clamp_min(eps))
 
 
 def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite):
@@ -281,7 +328,11 @@ class Nero(torch.optim.Optimizer):
             :mod:`nerofy._fused`: built once per machine with the system C compiler and cached) and
             the rest with the foreach path: tensors not on the CPU or not fp32 (fp16/bf16 parameters
             are upcast first, so they qualify), layouts whose neurons are not contiguous in memory,
-            or every tensor when no compiler is found. ``True``: the same, but logs one warning
+            or every tensor when no compiler is found. On CUDA the fused step is a Triton kernel
+            (:mod:`nerofy._triton`, used when triton is importable): a few launches per step for
+            all tensors of all groups, fp32/bf16/fp16 in place, no host sync; the tensors it
+            cannot take (complex, tensor subclasses, fan-ins that need more than two strides)
+            take the foreach path. ``True``: the same, but logs one warning
             (logger ``"nerofy"``) the first time some tensor cannot use the kernel. ``False``: never.
             The fused path computes the same update as the reference to float rounding.
             ``fused=True`` with ``foreach=False`` is an error; ``foreach=False`` alone means the
@@ -289,9 +340,15 @@ class Nero(torch.optim.Optimizer):
         skip_nonfinite: if a neuron's (or an unconstrained element's) gradient holds NaN or inf,
             that neuron is treated as having a zero gradient for this step: its weights stay as
             they are (up to re-projection) and its second-moment estimate decays as for a zero
-            gradient; every other neuron steps normally, and a warning is logged. This costs one
-            host sync per step; set False to skip the check (non-finite gradients then poison the
-            weights, as with other optimizers).
+            gradient; every other neuron steps normally. On the CPU a warning is logged at once;
+            on a GPU and in capturable mode the mask and the count stay on the device (no host
+            sync) and :meth:`skipped` reads the count when asked. Set False to skip the check
+            (non-finite gradients then poison the weights, as with other optimizers).
+        capturable: keep ``step`` counts on the parameters' device and read ``lr`` there (a float,
+            or a 0-dim fp32 tensor on that device that you update in place), so that ``step()``
+            issues no host sync and can be captured in a CUDA graph or compiled with
+            ``torch.compile(fullgraph=True)``. Take one step before capturing: the first step
+            creates the state (and reads each unconstrained tensor's mean magnitude once).
         weight_decay: accepted so that optimizer factories (timm's ``create_optimizer_v2``, param
             groups built the torch way) can pass it, but only 0: Nero has no weight decay (a
             balanced neuron's norm is fixed). Anything else, here or in a param group, is an error.
@@ -315,13 +372,14 @@ class Nero(torch.optim.Optimizer):
         skip_nonfinite: bool = True,
         fused: bool | None = None,
         weight_decay: float = 0.0,
+        capturable: bool = False,
     ):
         _check_weight_decay(weight_decay)
         _check_hparams(lr, beta, eps, scale_floor, min_scale)
         defaults = dict(
             lr=lr, beta=beta, layout=_parse_layout(layout), eps=eps, scale_floor=scale_floor, min_scale=min_scale,
             foreach=True if foreach is None else bool(foreach), skip_nonfinite=skip_nonfinite,
-            fused=None if fused is None else bool(fused),
+            fused=None if fused is None else bool(fused), capturable=bool(capturable),
         )
         params = [params] if isinstance(params, Tensor) else _as_list(params, "params")
         if not params:
@@ -339,6 +397,32 @@ class Nero(torch.optim.Optimizer):
                     raise ValueError(f"Nero can only optimize tensors, got {type(t).__name__}: pass model.parameters()")
         params = groups
         super().__init__(params, defaults)
+        self._skipped_host = 0  # counted on the CPU paths (which read their masks anyway)
+        self._counters: dict[torch.device, Tensor] = {}  # counted on the device, read by skipped()
+        self._triton_steps: dict[tuple, Any] = {}  # nerofy._triton.TritonStep per (device, capturable)
+
+    def skipped(self, reset: bool = False) -> int:
+        """How many neurons (and unconstrained elements) had a non-finite gradient treated as zero,
+        summed over every step since this optimizer was made (or since ``skipped(reset=True)``).
+
+        The GPU and capturable routes keep the count on the device, so ``step()`` never waits for
+        it; this call reads it (one sync per device): call it where you already sync, e.g. when
+        logging the loss."""
+        counters = getattr(self, "_counters", {})
+        n = getattr(self, "_skipped_host", 0) + sum(int(c.item()) for c in counters.values())
+        if reset:
+            self._skipped_host = 0
+            for c in counters.values():
+                c.zero_()
+        return n
+
+    def _counter(self, device: torch.device) -> Tensor:
+        if not hasattr(self, "_counters"):
+            self._skipped_host, self._counters, self._triton_steps = 0, {}, {}
+        c = self._counters.get(device)
+        if c is None:
+            c = self._counters[device] = torch.zeros(1, dtype=torch.int64, device=device)
+        return c
 
     def add_param_group(self, param_group: dict) -> None:
         _check_weight_decay(param_group.get("weight_decay", 0.0))
@@ -391,16 +475,28 @@ class Nero(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        on_triton: dict[tuple, list] = {}  # (device, capturable) -> items, all groups in one step
         for group in self.param_groups:
             neurons, elements, writeback = [], [], []
+            capturable = group.get("capturable", False)
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("Nero does not support sparse gradients (use a dense embedding)")
-                lay = _layout_of(p, group)
+                lay = self._layout(p, group)
                 st = self.state[p] if self.state.get(p) else self._init_state(p, lay, group)
-                st["step"] += 1
+                if self._triton_takes(p, lay, group, st):
+                    if not capturable:
+                        st["step"] = _host_step(st["step"]) + 1
+                    # p itself, not p.detach(): the kernel only needs its address (and detach is an op per tensor)
+                    on_triton.setdefault((p.device, capturable), []).append((p, p.grad, st["v"], lay, group, st))
+                    continue
+                if capturable:
+                    st["step"] = _device_step(st["step"], p.device)
+                    st["step"].add_(1)
+                else:
+                    st["step"] = _host_step(st["step"]) + 1
                 if p.dtype in _LOW_PRECISION:
                     w, g = p.detach().float(), p.grad.float()
                     writeback.append((p, w))
@@ -412,20 +508,56 @@ class Nero(torch.optim.Optimizer):
                     neurons.append((w, g, st["v"], lay, st["step"], st["scale"]))
             if not neurons and not elements:
                 continue
+            if capturable:
+                _update_capturable(neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                                   skip_nonfinite=group["skip_nonfinite"], counter=self._counter((neurons or elements)[0][0].device))
+                for p, w in writeback:
+                    p.copy_(w)
+                continue
             skipped = 0
             fused = group.get("fused")
             if fused or (fused is None and group["foreach"] is not False):
                 skipped, neurons, elements = self._step_fused(group, neurons, elements, explicit=bool(fused))
             if neurons or elements:
+                dev = (neurons or elements)[0][0].device
+                # off the CPU, the non-finite mask stays on the device (a host sync would stall the queue)
+                counter = self._counter(dev) if dev.type != "cpu" else None
                 skipped += nero_update(
                     neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                    foreach=group["foreach"], skip_nonfinite=group["skip_nonfinite"],
+                    foreach=group["foreach"], skip_nonfinite=group["skip_nonfinite"], counter=counter,
                 )
             if skipped:
+                self._skipped_host = getattr(self, "_skipped_host", 0) + skipped
                 log.warning("Nero: %d neurons/elements had a non-finite gradient; treated as zero this step", skipped)
             for p, w in writeback:
                 p.copy_(w)
+        for (device, capturable), items in on_triton.items():
+            runner = self._triton_steps.get((device, capturable))
+            if runner is None:
+                runner = self._triton_steps[(device, capturable)] = _triton.TritonStep()
+            runner.run(items, self._counter(device), capturable)
         return loss
+
+    def _layout(self, p: Tensor, group: dict) -> NeuronLayout:
+        """:func:`_layout_of`, remembered per parameter (so that torch.compile traces a dict lookup,
+        not the layout arithmetic)."""
+        cache = self.__dict__.setdefault("_layouts", {})
+        hit = cache.get(p)
+        if hit is not None and hit[0] is group["layout"] and hit[1] == p.shape:
+            return hit[2]
+        lay = _layout_of(p, group)
+        cache[p] = (group["layout"], p.shape, lay)
+        return lay
+
+    def _triton_takes(self, p: Tensor, lay: NeuronLayout, group: dict, st: dict) -> bool:
+        """Whether ``p`` takes the Triton step (CUDA, triton importable, fused not switched off)."""
+        if p.device.type != "cuda" and not _triton.ON_CPU:
+            return False
+        if group.get("fused") is False or group["foreach"] is False or torch.compiler.is_compiling():
+            return False
+        if not hasattr(self, "_triton_steps"):
+            self._counter(p.device)  # an optimizer unpickled from an older nerofy
+        return _triton.takes(p, lay, st["v"])
 
     def _step_fused(self, group: dict, neurons: list, elements: list, explicit: bool):
         """Run the fused kernel on what it can take; return (skipped, rest_neurons, rest_elements)."""
@@ -484,6 +616,20 @@ class Nero(torch.optim.Optimizer):
             for k, v in st.items():
                 if isinstance(v, Tensor):
                     self.state[p][k] = v.to(device=p.device, dtype=torch.float32, copy=True)
+
+
+def _host_step(s) -> int:
+    """A step count as a Python int (a capturable checkpoint's tensor is read once)."""
+    return int(s.item()) if isinstance(s, Tensor) else s
+
+
+def _device_step(s, device: torch.device) -> Tensor:
+    """A step count as a 0-dim fp32 tensor on ``device`` (capturable mode)."""
+    if isinstance(s, Tensor) and s.device == device and s.dtype == torch.float32:
+        return s
+    if isinstance(s, Tensor):
+        return s.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(s), dtype=torch.float32, device=device)
 
 
 def _as_list(x, what: str) -> list:

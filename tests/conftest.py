@@ -6,6 +6,12 @@ import random
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # no GPU: nerofy's Triton kernels run under triton's interpreter on CPU tensors (tests/test_triton.py).
+    # It must be set before triton is first imported (its own library functions read it then).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
