@@ -76,6 +76,17 @@ def neurons(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.
     tl.atomic_add(cnt, tl.sum(bad.to(tl.int64), 0))
 
 @triton.jit
+def stepped(wp, gp, s, L, L1, S0, S1, bad, c, K: tl.constexpr):
+    """Block ``s`` of one neuron's fan-in after the step, ``w - c g`` (``w`` where the gradient is
+    not finite), recomputed by each pass of :func:`loop`; with its offsets and mask."""
+    k = s + tl.arange(0, K)
+    m = k < L
+    off = (k // L1) * S1 + (k % L1) * S0
+    g = tl.load(gp + off, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(wp + off, mask=m, other=0.0).to(tl.float32)
+    return tl.where(bad, w, w - c * g), off, m
+
+@triton.jit
 def loop(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.constexpr, K: tl.constexpr,
          CAPT: tl.constexpr):
     """One neuron of fan-in > 4096 per program, in blocks of K: four passes, ``w - c g``
@@ -104,28 +115,18 @@ def loop(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.con
     c = tl.where(bad, 0.0, lrs / tl.maximum(tl.sqrt(v * bc), eps))  # c = 0: a NaN g is never read into w
     acc = tl.zeros((K,), dtype=tl.float32)
     for s in range(0, L, K):
-        k = s + tl.arange(0, K)
-        off = (k // L1) * S1 + (k % L1) * S0
-        g = tl.load(gp + off, mask=k < L, other=0.0).to(tl.float32)
-        w = tl.load(wp + off, mask=k < L, other=0.0).to(tl.float32)
-        acc += tl.where(bad, w, w - c * g)
+        x, off, m = stepped(wp, gp, s, L, L1, S0, S1, bad, c, K)
+        acc += x
     mean = tl.where((flags & 1) != 0, tl.sum(acc, 0) / L.to(tl.float32), 0.0)
     acc = tl.zeros((K,), dtype=tl.float32)
     for s in range(0, L, K):
-        k = s + tl.arange(0, K)
-        off = (k // L1) * S1 + (k % L1) * S0
-        g = tl.load(gp + off, mask=k < L, other=0.0).to(tl.float32)
-        w = tl.load(wp + off, mask=k < L, other=0.0).to(tl.float32)
-        x = tl.where(k < L, tl.where(bad, w, w - c * g) - mean, 0.0)
+        x, off, m = stepped(wp, gp, s, L, L1, S0, S1, bad, c, K)
+        x = tl.where(m, x - mean, 0.0)
         acc += x * x
     norm = tl.where((flags & 2) != 0, tl.maximum(tl.sqrt(tl.sum(acc, 0)), 1e-12), 1.0)
     for s in range(0, L, K):
-        k = s + tl.arange(0, K)
-        off = (k // L1) * S1 + (k % L1) * S0
-        g = tl.load(gp + off, mask=k < L, other=0.0).to(tl.float32)
-        w = tl.load(wp + off, mask=k < L, other=0.0).to(tl.float32)
-        x = (tl.where(bad, w, w - c * g) - mean) / norm
-        tl.store(wp + off, x.to(W), mask=k < L)
+        x, off, m = stepped(wp, gp, s, L, L1, S0, S1, bad, c, K)
+        tl.store(wp + off, ((x - mean) / norm).to(W), mask=m)
     tl.atomic_add(cnt, bad.to(tl.int64))
 
 @triton.jit

@@ -239,42 +239,28 @@ def _sanitize_on_device(ng, norms, eg, counter: Tensor):
     return ng2, norms2, eg2
 
 
-def _update_capturable(neurons, elements, *, lr, beta, eps, skip_nonfinite, counter: Tensor) -> None:
-    """The reference mathematics with nothing read back to the host, for ``capturable=True`` off
-    the Triton route (and under ``torch.compile``): ``lr`` may be a tensor, each step count is a
-    device tensor, non-finite gradients are masked and counted into ``counter`` on the device."""
-    for w, g, v, lay, t, s in neurons:
-        wv, d = lay.neuron_view(w)
-        gv, _ = lay.neuron_view(g)
-        sq = _sq(gv).sum(dim=d, keepdim=True)
-        if skip_nonfinite:
-            bad = ~torch.isfinite(sq)
-            counter.add_(bad.sum())
-            gv, sq = torch.where(bad, 0.0, gv), torch.where(bad, 0.0, sq)
-        v.mul_(beta).add_((1.0 - beta) * sq)
-        v_hat = v / (1.0 - beta ** t)
-        wv.sub_((lr * s) * gv / v_hat.sqrt().clamp_min(eps))
-        _project_(wv, d, lay)
-    for w, g, v, t, s in elements:
-        if skip_nonfinite:
-            bad = ~torch.isfinite(g)
-            counter.add_(bad.sum())
-            g = torch.where(bad, 0.0, g)
-        v.mul_(beta).add_((1.0 - beta) * _sq(g))
-        v_hat = v / (1.0 - beta ** t)
-        w.sub_((lr * s) * g / v_hat.sqrt().clamp_min(eps))
+def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite, counter: Tensor | None = None):
+    """Plain per-parameter implementation of the same mathematics (the foreach path's oracle).
 
-
-def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite):
-    """Plain per-parameter implementation of the same mathematics (the foreach path's oracle)."""
+    With ``counter`` (``capturable=True`` off the Triton route, and under ``torch.compile``) nothing
+    is read back to the host: ``lr`` may be a tensor, step counts may be device tensors, and
+    non-finite gradients are counted into ``counter`` on the device instead of returned."""
     skipped = 0
+
+    def masked(bad: Tensor) -> None:
+        nonlocal skipped
+        if counter is not None:
+            counter.add_(bad.sum())
+        else:
+            skipped += int(bad.sum())
+
     for w, g, v, lay, t, s in neurons:
         wv, d = lay.neuron_view(w)
         gv, _ = lay.neuron_view(g)
         sq = _sq(gv).sum(dim=d, keepdim=True)
         if skip_nonfinite:
             bad = ~torch.isfinite(sq)
-            skipped += int(bad.sum())
+            masked(bad)
             gv, sq = gv.masked_fill(bad, 0.0), sq.masked_fill(bad, 0.0)
         v.mul_(beta).add_((1.0 - beta) * sq)
         v_hat = v / (1.0 - beta ** t)
@@ -286,7 +272,7 @@ def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite):
     for w, g, v, t, s in elements:
         if skip_nonfinite:
             bad = ~torch.isfinite(g)
-            skipped += int(bad.sum())
+            masked(bad)
             g = g.masked_fill(bad, 0.0)
         v.mul_(beta).add_((1.0 - beta) * _sq(g))
         v_hat = v / (1.0 - beta ** t)
@@ -509,8 +495,8 @@ class Nero(torch.optim.Optimizer):
             if not neurons and not elements:
                 continue
             if capturable:
-                _update_capturable(neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                                   skip_nonfinite=group["skip_nonfinite"], counter=self._counter((neurons or elements)[0][0].device))
+                _update_reference(neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                                  skip_nonfinite=group["skip_nonfinite"], counter=self._counter((neurons or elements)[0][0].device))
                 for p, w in writeback:
                     p.copy_(w)
                 continue
