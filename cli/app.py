@@ -254,7 +254,8 @@ def _check_inputs(spec: str, model, size):
     if src is not None:
         if size:
             raise CliError(f"{spec} brings its own example inputs: --input-size is not supported for it")
-        inputs = src.inputs(2, 0)
+        # a transformers type's inputs come from the model itself (nerofy.example_inputs)
+        inputs = src.inputs(2, 0, model=model) if src.source == "transformers" else src.inputs(2, 0)
         return inputs, inputs, src.loss
     inputs = M.make_inputs(model, size)
     own_size = M.input_size(model) is not None and size is None
@@ -263,7 +264,10 @@ def _check_inputs(spec: str, model, size):
 
 def _input_info(inputs) -> tuple[int | None, list[int] | None]:
     """(batch, one sample's shape) of the check's first input: a batched tensor, or a list of
-    samples (torchvision detectors take a list of images)."""
+    samples (torchvision detectors take a list of images), or a dict's first tensor (keyword inputs
+    of a transformers model: its main input comes first)."""
+    if isinstance(inputs, dict):
+        inputs = next((v for v in inputs.values() if hasattr(v, "shape")), None)
     x = inputs[0] if isinstance(inputs, (tuple, list)) and inputs else inputs
     if isinstance(x, (list, tuple)):
         return len(x), (list(x[0].shape) if x and hasattr(x[0], "shape") else None)

@@ -1,6 +1,8 @@
 """Models beyond timm for ``nerofy zoo --source torchvision|transformers``: name -> factory, example
 inputs and loss. Nothing is downloaded: torchvision models are built with ``weights=None`` (and
-``weights_backbone=None``), Hugging Face models from small configs.
+``weights_backbone=None``); Hugging Face models are every config type of the installed
+transformers, built from its default config (shrunk for the numeric check) with inputs
+synthesised from the model (``nerofy.hf``, ``cli/hf_source.py``).
 
 API (what ``nerofy zoo`` calls)::
 
@@ -166,258 +168,14 @@ def _tv_specs() -> dict[str, ModelSpec]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face transformers (small configs, nothing downloaded)
+# Hugging Face transformers: every config type, built from its own config (cli/hf_source.py)
 # ---------------------------------------------------------------------------------------------
-_VOCAB, _SEQ, _H = 128, 12, 32
-_TXT = dict(vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=64)
+def _hf_specs() -> dict:
+    from nerofy import hf
 
+    from .hf_source import HFSpec
 
-def _ids(b, g, n=_SEQ):
-    return torch.randint(1, _VOCAB, (b, n), generator=g)
-
-
-def _hf_specs() -> dict[str, ModelSpec]:
-    def mk(cls_name: str, cfg_name: str, **cfg):
-        def f():
-            import transformers
-
-            config = getattr(transformers, cfg_name)(**cfg)
-            return getattr(transformers, cls_name)(config)
-        return f
-
-    no_cache = dict(use_cache=False)
-    specs = [
-        # encoders
-        ("bert", "encoder", mk("BertModel", "BertConfig", **_TXT),
-         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long))),
-        ("roberta", "encoder", mk("RobertaModel", "RobertaConfig", **dict(_TXT, pad_token_id=0)),
-         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long))),
-        ("distilbert", "encoder", mk("DistilBertModel", "DistilBertConfig", vocab_size=_VOCAB, dim=_H, n_layers=2,
-                                     n_heads=2, hidden_dim=64, max_position_embeddings=64),
-         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long))),
-        # decoders
-        ("gpt2", "decoder", mk("GPT2LMHeadModel", "GPT2Config", vocab_size=_VOCAB, n_embd=_H, n_layer=2, n_head=2,
-                               n_positions=64, **no_cache), lambda b, g: (_ids(b, g),)),
-        ("llama", "decoder", mk("LlamaForCausalLM", "LlamaConfig", **dict(_TXT, num_key_value_heads=1, **no_cache)),
-         lambda b, g: (_ids(b, g),)),
-        # mixture of experts: experts stored (E, out, in), run by a grouped matmul
-        ("mixtral", "decoder", mk("MixtralForCausalLM", "MixtralConfig",
-                                  **dict(_TXT, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
-                                         **no_cache)),
-         lambda b, g: (_ids(b, g),)),
-        # encoder-decoders: (input_ids, attention_mask, decoder_input_ids)
-        ("t5", "encoder-decoder", mk("T5ForConditionalGeneration", "T5Config", vocab_size=_VOCAB, d_model=_H, d_kv=16,
-                                     d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=2, decoder_start_token_id=0,
-                                     **no_cache),
-         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long), _ids(b, g, 6))),
-        ("bart", "encoder-decoder", mk("BartForConditionalGeneration", "BartConfig", vocab_size=_VOCAB, d_model=_H,
-                                       encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                       max_position_embeddings=64, **no_cache),
-         lambda b, g: (_ids(b, g), torch.ones(b, _SEQ, dtype=torch.long), _ids(b, g, 6))),
-        # vision transformer
-        ("vit", "vision", mk("ViTForImageClassification", "ViTConfig", hidden_size=_H, num_hidden_layers=2,
-                             num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=10),
-         lambda b, g: (torch.randn(b, 3, 32, 32, generator=g),)),
-        # speech
-        ("wav2vec2", "speech", mk("Wav2Vec2Model", "Wav2Vec2Config", hidden_size=_H, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2),
-                                  conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-                                  do_stable_layer_norm=True, mask_time_prob=0.0),
-         lambda b, g: (torch.randn(b, 1600, generator=g),)),
-        ("whisper", "speech", mk("WhisperModel", "WhisperConfig", vocab_size=_VOCAB, num_mel_bins=16, d_model=_H,
-                                 encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-                                 decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-                                 max_source_positions=32, max_target_positions=32, pad_token_id=0, bos_token_id=1,
-                                 eos_token_id=2, decoder_start_token_id=1, **no_cache),
-         lambda b, g: (torch.randn(b, 16, 64, generator=g), None, _ids(b, g, 6))),
-    ]
-    ids = lambda b, g: (_ids(b, g),)  # noqa: E731
-    pixels = lambda s: (lambda b, g: (torch.randn(b, 3, s, s, generator=g),))  # noqa: E731
-    for name, (model, config, extra) in _HF_DECODERS.items():
-        specs.append((name, "decoder", mk(model, config, **dict(_TXT, **no_cache, **extra)), ids))
-    for name, (model, config, extra) in _HF_ENCODERS.items():
-        specs.append((name, "encoder", mk(model, config, **dict(_TXT, **extra)), ids))
-    for name, (model, config, kw, size) in _HF_VISION.items():
-        specs.append((name, "vision", mk(model, config, **kw), pixels(size)))
-    for name, (task, model, config, kw, inp) in _HF_MORE.items():
-        specs.append((name, task, mk(model, config, **kw), inp))
-    return {n: ModelSpec("transformers", n, task, f, inp) for n, task, f, inp in specs}
-
-
-# More architectures, each a small config over _TXT: name -> (model class, config class, overrides).
-_GQA = dict(num_key_value_heads=1)
-_MOE = dict(num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-_HF_DECODERS = {
-    "mistral": ("MistralForCausalLM", "MistralConfig", _GQA),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", _GQA),
-    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", dict(_GQA, head_dim=16)),
-    "gemma": ("GemmaForCausalLM", "GemmaConfig", dict(_GQA, head_dim=16)),
-    "gemma2": ("Gemma2ForCausalLM", "Gemma2Config", dict(_GQA, head_dim=16)),
-    "phi": ("PhiForCausalLM", "PhiConfig", {}),
-    "phi3": ("Phi3ForCausalLM", "Phi3Config", dict(pad_token_id=0, eos_token_id=2, bos_token_id=1)),
-    "falcon": ("FalconForCausalLM", "FalconConfig", {}),
-    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),
-    "gptj": ("GPTJForCausalLM", "GPTJConfig", dict(n_embd=_H, n_layer=2, n_head=2, rotary_dim=8, n_positions=64)),
-    "opt": ("OPTForCausalLM", "OPTConfig", dict(ffn_dim=64, word_embed_proj_dim=_H)),
-    "bloom": ("BloomForCausalLM", "BloomConfig", dict(n_layer=2, n_head=2)),
-    "gpt_bigcode": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig", dict(n_embd=_H, n_layer=2, n_head=2, n_positions=64)),
-    "mpt": ("MptForCausalLM", "MptConfig", dict(d_model=_H, n_layers=2, n_heads=2, max_seq_len=64)),
-    "stablelm": ("StableLmForCausalLM", "StableLmConfig", _GQA),
-    "starcoder2": ("Starcoder2ForCausalLM", "Starcoder2Config", _GQA),
-    "olmo2": ("Olmo2ForCausalLM", "Olmo2Config", _GQA),
-    "cohere": ("CohereForCausalLM", "CohereConfig", _GQA),
-    "granite": ("GraniteForCausalLM", "GraniteConfig", _GQA),
-    "nemotron": ("NemotronForCausalLM", "NemotronConfig", _GQA),
-    "persimmon": ("PersimmonForCausalLM", "PersimmonConfig", {}),
-    "biogpt": ("BioGptForCausalLM", "BioGptConfig", {}),
-    "mamba": ("MambaForCausalLM", "MambaConfig", dict(state_size=8)),
-    "rwkv": ("RwkvForCausalLM", "RwkvConfig", {}),
-    "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", _GQA),
-    # mixtures of experts
-    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig", dict(_GQA, **_MOE, shared_expert_intermediate_size=32)),
-    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(_GQA, **_MOE, head_dim=16)),
-    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(_GQA, **_MOE)),
-    "jamba": ("JambaForCausalLM", "JambaConfig", dict(_GQA, **_MOE)),
-    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", dict(_GQA, **_MOE)),
-    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
-                    dict(num_key_value_heads=2, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                         n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
-                         kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)),
-}
-_HF_ENCODERS = {
-    "deberta_v2": ("DebertaV2Model", "DebertaV2Config", {}),
-    "electra": ("ElectraModel", "ElectraConfig", dict(embedding_size=16)),
-    "albert": ("AlbertModel", "AlbertConfig", dict(embedding_size=16)),
-    "mobilebert": ("MobileBertModel", "MobileBertConfig", dict(embedding_size=16, intra_bottleneck_size=16,
-                                                               true_hidden_size=16)),
-}
-_VIT = dict(hidden_size=_H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
-_HF_VISION = {  # name -> (model class, config class, config, image size)
-    "swin": ("SwinModel", "SwinConfig", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
-                                             num_heads=[1, 2], window_size=4), 32),
-    "convnext": ("ConvNextModel", "ConvNextConfig", dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2), 32),
-    "segformer": ("SegformerModel", "SegformerConfig", dict(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
-                                                            hidden_sizes=[8, 16], num_attention_heads=[1, 2],
-                                                            decoder_hidden_size=16, patch_sizes=[7, 3],
-                                                            strides=[4, 2]), 32),
-    "dinov2": ("Dinov2Model", "Dinov2Config", dict(_VIT, image_size=28, patch_size=14), 28),
-    "beit": ("BeitModel", "BeitConfig", dict(_VIT, image_size=32, patch_size=8, use_relative_position_bias=True), 32),
-    "clip_vision": ("CLIPVisionModel", "CLIPVisionConfig", dict(_VIT, image_size=32, patch_size=8), 32),
-    "resnet": ("ResNetModel", "ResNetConfig", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]), 32),
-    "mobilevit": ("MobileViTModel", "MobileViTConfig", dict(image_size=32, hidden_sizes=[16, 24, 32],
-                                                            neck_hidden_sizes=[8, 8, 16, 16, 24, 32, 64]), 32),
-}
-
-
-def _ids_n(n: int):
-    return lambda b, g: (_ids(b, g, n),)
-
-
-def _seq2seq(b, g):  # (input_ids, attention_mask, decoder_input_ids)
-    return _ids(b, g), None, _ids(b, g, 6)
-
-
-def _randn(*shape):
-    return lambda b, g: (torch.randn(b, *shape, generator=g),)
-
-
-# Architectures with their own config fields or inputs:
-# name -> (task, model class, config class, config, inputs(batch, generator))
-_HF_MORE = {
-    # encoders: relative / sparse / local attention, hashing, convolutions, Fourier mixing
-    "xlnet": ("encoder", "XLNetModel", "XLNetConfig", dict(vocab_size=_VOCAB, d_model=_H, n_layer=2, n_head=2,
-                                                           d_inner=64), _ids_n(_SEQ)),
-    "reformer": ("encoder", "ReformerModel", "ReformerConfig",
-                 dict(vocab_size=_VOCAB, hidden_size=_H, num_attention_heads=2, attention_head_size=16,
-                      feed_forward_size=64, axial_pos_shape=(4, 4), axial_pos_embds_dim=(16, 16),
-                      max_position_embeddings=16, attn_layers=["local", "lsh"], local_attn_chunk_length=4,
-                      lsh_attn_chunk_length=4, num_buckets=2, is_decoder=False), _ids_n(16)),
-    "longformer": ("encoder", "LongformerModel", "LongformerConfig", dict(_TXT, attention_window=4, pad_token_id=0),
-                   _ids_n(16)),
-    "big_bird": ("encoder", "BigBirdModel", "BigBirdConfig", dict(_TXT, attention_type="original_full"), _ids_n(_SEQ)),
-    "funnel": ("encoder", "FunnelModel", "FunnelConfig", dict(vocab_size=_VOCAB, d_model=_H, n_head=2, d_head=16,
-                                                              d_inner=64, block_sizes=[1, 1]), _ids_n(_SEQ)),
-    "fnet": ("encoder", "FNetModel", "FNetConfig", dict(_TXT, use_tpu_fourier_optimizations=False), _ids_n(_SEQ)),
-    "canine": ("encoder", "CanineModel", "CanineConfig",
-               dict(hidden_size=_H, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                    num_hash_buckets=64, num_hash_functions=2, local_transformer_stride=4, downsampling_rate=4),
-               _ids_n(16)),
-    "squeezebert": ("encoder", "SqueezeBertModel", "SqueezeBertConfig",
-                    dict(_TXT, embedding_size=_H, q_groups=2, k_groups=2, v_groups=2, post_attention_groups=2,
-                         intermediate_groups=4, output_groups=2), _ids_n(_SEQ)),
-    "mpnet": ("encoder", "MPNetModel", "MPNetConfig", _TXT, _ids_n(_SEQ)),
-    "convbert": ("encoder", "ConvBertModel", "ConvBertConfig", dict(_TXT, embedding_size=_H, head_ratio=2,
-                                                                    conv_kernel_size=3), _ids_n(_SEQ)),
-    "perceiver": ("encoder", "PerceiverModel", "PerceiverConfig",
-                  dict(num_latents=8, d_latents=_H, d_model=_H, num_blocks=1, num_self_attends_per_block=1,
-                       num_self_attention_heads=2, num_cross_attention_heads=1), _randn(10, _H)),
-    # decoders
-    "ctrl": ("decoder", "CTRLModel", "CTRLConfig", dict(vocab_size=_VOCAB, n_embd=_H, n_layer=2, n_head=2, dff=64,
-                                                        n_positions=64, use_cache=False), _ids_n(_SEQ)),
-    "xglm": ("decoder", "XGLMModel", "XGLMConfig", dict(vocab_size=_VOCAB, d_model=_H, num_layers=2, attention_heads=2,
-                                                        ffn_dim=64, max_position_embeddings=64, use_cache=False),
-             _ids_n(_SEQ)),
-    "codegen": ("decoder", "CodeGenModel", "CodeGenConfig", dict(vocab_size=_VOCAB, n_embd=_H, n_layer=2, n_head=2,
-                                                                 rotary_dim=8, n_positions=64, use_cache=False),
-                _ids_n(_SEQ)),
-    "gpt_neo": ("decoder", "GPTNeoModel", "GPTNeoConfig",
-                dict(vocab_size=_VOCAB, hidden_size=_H, num_layers=2, num_heads=2,
-                     attention_types=[[["global", "local"], 1]], window_size=4, max_position_embeddings=64,
-                     use_cache=False), _ids_n(_SEQ)),
-    "mamba2": ("decoder", "Mamba2Model", "Mamba2Config", dict(vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=2,
-                                                              num_heads=4, head_dim=16, state_size=8, n_groups=1,
-                                                              expand=2, chunk_size=4, use_cache=False), _ids_n(_SEQ)),
-    "falcon_mamba": ("decoder", "FalconMambaModel", "FalconMambaConfig",
-                     dict(vocab_size=_VOCAB, hidden_size=_H, num_hidden_layers=2, state_size=8, use_cache=False),
-                     _ids_n(_SEQ)),
-    "olmoe": ("decoder", "OlmoeModel", "OlmoeConfig", dict(_TXT, num_experts=4, num_experts_per_tok=2,
-                                                           use_cache=False), _ids_n(_SEQ)),
-    "phimoe": ("decoder", "PhimoeModel", "PhimoeConfig", dict(_TXT, num_key_value_heads=1, num_local_experts=4,
-                                                              num_experts_per_tok=2, use_cache=False), _ids_n(_SEQ)),
-    # encoder-decoders (a routed mixture of experts among them)
-    "switch_transformers": ("encoder-decoder", "SwitchTransformersModel", "SwitchTransformersConfig",
-                            dict(vocab_size=_VOCAB, d_model=_H, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
-                                 num_heads=2, num_experts=4, encoder_sparse_step=1, decoder_sparse_step=1,
-                                 decoder_start_token_id=0, use_cache=False), _seq2seq),
-    "pegasus": ("encoder-decoder", "PegasusModel", "PegasusConfig",
-                dict(vocab_size=_VOCAB, d_model=_H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                     use_cache=False), _seq2seq),
-    "mt5": ("encoder-decoder", "MT5Model", "MT5Config", dict(vocab_size=_VOCAB, d_model=_H, d_kv=16, d_ff=64,
-                                                             num_layers=1, num_heads=2, decoder_start_token_id=0,
-                                                             use_cache=False), _seq2seq),
-    "longt5": ("encoder-decoder", "LongT5Model", "LongT5Config",
-               dict(vocab_size=_VOCAB, d_model=_H, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
-                    encoder_attention_type="transient-global", local_radius=2, global_block_size=4,
-                    decoder_start_token_id=0, use_cache=False), _seq2seq),
-    # vision, video, speech, time series, text + image
-    "levit": ("vision", "LevitModel", "LevitConfig", dict(image_size=64, hidden_sizes=[16, 24, 32],
-                                                          num_attention_heads=[1, 2, 2], depths=[1, 1, 1],
-                                                          key_dim=[8, 8, 8]), _randn(3, 64, 64)),
-    "detr": ("vision", "DetrModel", "DetrConfig",
-             dict(use_timm_backbone=False, use_pretrained_backbone=False,
-                  backbone_config=dict(model_type="resnet", embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
-                                       out_features=["stage2"]),
-                  d_model=_H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
-                  encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=5), _randn(3, 64, 64)),
-    "timesformer": ("video", "TimesformerModel", "TimesformerConfig",
-                    dict(image_size=32, patch_size=8, num_frames=2, hidden_size=_H, num_hidden_layers=1,
-                         num_attention_heads=2, intermediate_size=64), _randn(2, 3, 32, 32)),
-    "hubert": ("speech", "HubertModel", "HubertConfig",
-               dict(hidden_size=_H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                    conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
-                    num_conv_pos_embedding_groups=2), _randn(1600)),
-    "patchtst": ("time-series", "PatchTSTModel", "PatchTSTConfig",
-                 dict(num_input_channels=3, context_length=32, patch_length=4, patch_stride=4, d_model=_H,
-                      num_hidden_layers=1, num_attention_heads=2, ffn_dim=64), _randn(32, 3)),
-    "clip": ("multimodal", "CLIPModel", "CLIPConfig",
-             dict(text_config=dict(_TXT, vocab_size=_VOCAB),
-                  vision_config=dict(hidden_size=_H, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                     image_size=32, patch_size=8), projection_dim=16),
-             lambda b, g: (_ids(b, g), torch.randn(b, 3, 32, 32, generator=g))),
-}
+    return {t: HFSpec(t) for t in hf.model_types()}
 
 
 _CACHE: dict[str, dict[str, ModelSpec]] = {}
@@ -455,6 +213,11 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
 
     from . import jobs
 
+    if source == "transformers" or name.startswith("transformers:"):
+        from . import hf_source
+
+        return hf_source.check_job(name.removeprefix("transformers:"), stage, steps=steps, verify=verify,
+                                   max_params=max_params, batch=batch, seed=seed)
     stage = stage or (lambda *a, **k: None)
     spec = get(source, name)
     row, src, t0 = jobs.start_row(spec.full_name, "check", stage)
@@ -500,6 +263,10 @@ def structural_job(source: str, name: str, stage: Callable[..., None] | None = N
     """Trace + plan + rewrite on the meta device, as a zoo row (the fields of ``jobs.structural_job``)."""
     from . import jobs
 
+    if source == "transformers" or name.startswith("transformers:"):
+        from . import hf_source
+
+        return hf_source.structural_job(name.removeprefix("transformers:"), stage)
     stage = stage or (lambda *a, **k: None)
     spec = get(source, name)
     row, src, t0 = jobs.start_row(spec.full_name, "structural", stage)

@@ -11,9 +11,11 @@ Public API::
     nerofy.register_timm()                              # timm.optim.create_optimizer_v2(model, "nero")
     nerofy.wrap(trained, keep="function")               # trained weights: the same outputs at wrap
     nerofy.reestimate_bn(model, batches)                # BatchNorm statistics measured again
+    nerofy.example_inputs(hf_model)                     # inputs for any transformers model (nerofy.hf)
 """
 from .balanced import Balanced, balance, is_balanced
 from .export import export_state_dict
+from .hf import example_inputs  # transformers is imported on the first call, never here
 from .integrations import register_timm
 from .layout import NeuronLayout
 from .optim import Nero
@@ -26,5 +28,5 @@ __version__ = "0.1.0"
 
 __all__ = ["wrap", "plan", "bake", "Nero", "Plan", "Entry", "ROLES", "NeuronLayout", "Balanced", "balance",
            "is_balanced", "is_wrapped", "calibrate_", "export_state_dict", "param_groups", "register_timm",
-           "reestimate_bn", "KEEP_MODES",
+           "reestimate_bn", "KEEP_MODES", "example_inputs",
            "__version__"]

@@ -95,7 +95,7 @@ def test_convert_and_plan_models_named_as_zoo_rows_name_them(runner, monkeypatch
     loss; an unknown one names the closest; a package path stays an import."""
     pytest.importorskip("transformers")
     d = _json(runner.invoke(app, ["convert", "transformers:gpt2", "--json", "--steps", "1"]))
-    assert d["status"] == "pass" and d["frontend"] == "record" and d["batch"] == 2 and d["input_size"] == [12]
+    assert d["status"] == "pass" and d["frontend"] == "record" and d["batch"] == 2 and d["input_size"] == [16]
     res = runner.invoke(app, ["plan", "transformers:gpt2"])
     assert res.exit_code == 0 and "transformer.h.0.mlp.c_fc.weight" in res.stdout
     monkeypatch.delenv("NEROFY_DEBUG", raising=False)

@@ -1,0 +1,641 @@
+"""Hugging Face transformers from nothing but the installed library: the model class of any config
+type, a small config from any config, and example inputs from any model.
+
+    model = nerofy.hf.build("llava", size="small")     # shrunk config, random weights
+    inputs = nerofy.example_inputs(model)              # a dict: model(**inputs)
+    plan = nerofy.plan(model, inputs)
+
+transformers is imported lazily (here, inside functions): ``import nerofy`` never pays for it.
+Nothing is downloaded. Rules are data (``SHRINK_RULES``, ``INPUT_RULES``); the functions walk them.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+__all__ = ["model_types", "model_class", "default_config", "shrink_config", "build", "example_inputs",
+           "SHRINK_RULES", "INPUT_RULES"]
+
+
+def _tf():
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover - transformers is in the dev extra
+        raise ImportError("nerofy.hf needs transformers: pip install transformers") from e
+    return transformers
+
+
+# ---------------------------------------------------------------------------------------------
+# config type -> model class
+# ---------------------------------------------------------------------------------------------
+# Where a type has no AutoModel (MODEL_MAPPING) entry, the first task mapping that has it gives the
+# class; the base model of a mapping is preferred over heads, so the order is "closest to a bare model".
+_MAPPING_ORDER = ("MODEL_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES",
+                  "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES", "MODEL_FOR_BACKBONE_MAPPING_NAMES",
+                  "MODEL_FOR_PRETRAINING_MAPPING_NAMES", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES",
+                  "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+                  "MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES", "MODEL_FOR_DEPTH_ESTIMATION_MAPPING_NAMES",
+                  "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES", "MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES")
+
+
+def model_types() -> list[str]:
+    """Every config type the installed transformers registers (``CONFIG_MAPPING``), sorted."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    return sorted(CONFIG_MAPPING_NAMES)
+
+
+def _check_type(model_type: str) -> None:
+    types = model_types()
+    if model_type not in types:
+        near = difflib.get_close_matches(model_type, types, n=3)
+        raise KeyError(f"transformers has no config type {model_type!r}"
+                       + (f"; did you mean {', '.join(near)}?" if near else "; see nerofy.hf.model_types()"))
+
+
+_HEADS = {"causal_lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"}
+
+
+def model_class(model_type: str, head: str | None = None) -> type:
+    """The model class to build for a config type: AutoModel's, else the first task mapping's
+    (``_MAPPING_ORDER``), else ``<Name>Model`` beside ``<Name>Config`` (sub-configs such as
+    ``clip_vision_model`` have no auto entry but a class of their own). ``head="causal_lm"``
+    prefers ``AutoModelForCausalLM``'s class (an LM head, tied or not) where the type has one.
+    LookupError says why there is none."""
+    _check_type(model_type)
+    tf = _tf()
+    from transformers.models.auto import modeling_auto as MA
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if head is not None and head not in _HEADS:
+        raise ValueError(f"head must be one of {', '.join(_HEADS)} or None, got {head!r}")
+    for mapping in ((_HEADS[head],) if head else ()) + _MAPPING_ORDER:
+        name = getattr(MA, mapping, {}).get(model_type)
+        if isinstance(name, (list, tuple)):
+            name = name[0]
+        if name:
+            cls = getattr(tf, name, None)
+            if cls is None:
+                raise LookupError(f"{mapping} names {name} for {model_type!r}, which transformers does not export")
+            return cls
+    cfg_name = CONFIG_MAPPING_NAMES[model_type]
+    for cand in (cfg_name.removesuffix("Config") + "Model", cfg_name.removesuffix("Config")):
+        cls = getattr(tf, cand, None)
+        if isinstance(cls, type) and issubclass(cls, tf.PreTrainedModel):
+            return cls
+    raise LookupError(f"no model class for config type {model_type!r}: no auto mapping lists it and transformers "
+                      f"exports no {cfg_name.removesuffix('Config')}Model (a config-only type)")
+
+
+def default_config(model_type: str):
+    """``AutoConfig.for_model(model_type)``: the type's default (full-size) config."""
+    _check_type(model_type)
+    return _tf().AutoConfig.for_model(model_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# small configs
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """Keys matching ``pattern`` (whole key) are capped at ``cap`` from shrink level ``level`` up.
+    ``cap`` is a number (ints; list entries each capped), or a function (value, i) -> new value."""
+    pattern: str
+    cap: Any
+    level: int = 1
+    whole: bool = False  # cap takes the whole list
+
+
+
+def _stage_width(v: int, i: int) -> int:
+    # stage widths double per stage; multiples of 32 keep GroupNorm(32) and head splits valid
+    return min(v, 32 * 2 ** min(i, 2))
+
+
+# Level 1 shrinks depth, widths, heads, experts and the vocabulary; level 2 also image sizes,
+# per-stage lists and convolution widths. A model that does not build or run at one level is tried
+# at the next lower one (build()).
+SHRINK_RULES: tuple[Rule, ...] = (
+    # depth (a floor of 2 keeps "every other layer" patterns and the last-but-one feature layer)
+    Rule(r"num_hidden_layers|num_layers|n_layers?|(en|de)coder_layers|num_(en|de)coder_layers|num_.+_layers|.+_num_layers"
+         r"|num_blocks|depth", 2, 0),
+    Rule(r"num_experts|num_local_experts|n_routed_experts|moe_num_experts", 4, 0),
+    Rule(r"num_experts_per_tok|moe_topk|num_selected_experts|top_k|moe_k", 2, 0),
+    Rule(r"n_group|topk_group|n_shared_experts", 1, 0),
+    # widths: hidden 32 = 2 heads x 16
+    Rule(r"hidden_size|d_model|n_embd|embed_dim|dim|word_embed_proj_dim|embedding_size|projection_dim|proj_dim"
+         r"|text_embed_dim|vision_embed_dim|d_latents|.+_hidden_size", 32),
+    # key/value heads before the head counts (num_.+_heads would match them): 2 heads, 1 kv head (GQA)
+    Rule(r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads", 1),
+    Rule(r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads", 2),
+    Rule(r"head_dim|d_kv|attention_head_size|d_head|qk_rope_head_dim|qk_nope_head_dim|v_head_dim|kv_lora_rank"
+         r"|q_lora_rank", 16),
+    Rule(r"intermediate_size|ffn_dim|d_ff|d_inner|dff|n_inner|hidden_dim|.+_ffn_dim|.+_intermediate_size", 64),
+    Rule(r"max_position_embeddings|n_positions|n_ctx|max_seq_len|max_sequence_length", 512),
+    # encoder frames / decoder positions of speech seq2seq (whisper's encoder takes exactly 2 x source)
+    Rule(r"max_source_positions|max_target_positions", 64),
+    # level 2: what changes shapes beyond widths
+    Rule(r"depths", lambda v, i: 1, 2),
+    Rule(r"hidden_sizes|embed_dims|dims|channels|neck_hidden_sizes|conv_dim", _stage_width, 2),
+    Rule(r"num_attention_heads|num_heads", lambda v, i: 1, 2),  # per-stage head lists (ints went above)
+    Rule(r"image_size|img_size|input_size|crop_size", 64, 2),
+)
+_TOKEN_KEY = re.compile(r".*_token_(id|index)s?$|.*_token$")
+
+
+def _token_ids(d: dict) -> list[int]:
+    out = []
+    for k, v in d.items():
+        if not isinstance(k, str):  # id2label's keys
+            continue
+        if _TOKEN_KEY.match(k):
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            out += [x for x in vals if isinstance(x, int) and not isinstance(x, bool)]
+        elif isinstance(v, dict):
+            out += _token_ids(v)
+    return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _new_value(key: str, v, level: int):
+    """``v`` after the first rule that matches ``key`` at this level and fits the value's kind."""
+    for rule in SHRINK_RULES:
+        if rule.level > level or not re.fullmatch(rule.pattern, key):
+            continue
+        if _is_int(v) and not callable(rule.cap):
+            return min(v, rule.cap) if v > 0 else v
+        if rule.whole and isinstance(v, (list, tuple)) and v and all(_is_int(x) for x in v):
+            return type(v)(rule.cap(list(v)))
+        if isinstance(v, (list, tuple)) and v and all(_is_int(x) for x in v) and (callable(rule.cap) or level >= 2):
+            cap = rule.cap if callable(rule.cap) else (lambda x, i, m=rule.cap: min(x, m))
+            return type(v)(cap(x, i) if x > 0 else x for i, x in enumerate(v))
+    return v
+
+
+_DEPTH = SHRINK_RULES[0].pattern
+
+
+def _shrink_dict(d: dict, level: int, max_token: int) -> dict:
+    out = {}
+    depth: dict[int, int] = {}
+    # a count of stages (swin's num_layers = len(depths)) is not a depth: it stays
+    stages = {len(v) for k, v in d.items() if k in ("depths", "hidden_sizes", "embed_dims") and isinstance(v, list)}
+    for k, v in d.items():
+        if not isinstance(k, str) or k in ("id2label", "label2id"):
+            out[k] = v
+        elif isinstance(v, dict):
+            out[k] = _shrink_dict(v, level, max_token)
+        elif k == "vocab_size" and _is_int(v):
+            # special ids (image tokens at 151655...) must index the table: some default configs
+            # put them one past it (llava: 32000 of 32000), which only a checkpoint's resize fixes
+            out[k] = max(min(v, 256) if level >= 1 else v, max_token + 1)
+        else:
+            out[k] = v if (_is_int(v) and v in stages and re.fullmatch(_DEPTH, k)) else _new_value(k, v, level)
+            if _is_int(v) and out[k] != v and re.fullmatch(_DEPTH, k):
+                depth[v] = out[k]
+    # lists with one entry per layer (layer_types, per-layer windows) follow the new depth
+    for old, new in depth.items():
+        for k, v in out.items():
+            if isinstance(v, list) and len(v) == old and k != "depths":
+                out[k] = v[:new]
+    return out
+
+
+def shrink_config(config, level: int = 2):
+    """A copy of ``config`` (a ``PretrainedConfig``, sub-configs included) with depth, widths,
+    heads, experts and vocabulary capped by ``SHRINK_RULES`` up to ``level`` (0: depth and experts;
+    1: + widths, heads, vocabulary; 2: + image sizes and per-stage lists). Only ever shrinks."""
+    d = config.to_dict()
+    max_token = max(_token_ids(d), default=0)
+    small = _shrink_dict(d, level, max_token)
+    for k in ("transformers_version", "_name_or_path", "architectures"):
+        small.pop(k, None)
+    out = type(config).from_dict(small)
+    if level >= 1:
+        _fit_mrope(out)
+    return out
+
+
+def _sub_configs(config):
+    yield config
+    for k in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, k, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            yield from _sub_configs(sub)
+
+
+def _fit_mrope(config) -> None:
+    """Multimodal RoPE splits head_dim / 2 into (t, h, w) sections whose default ([16, 24, 24]) sits in
+    the modelling code; a config class that declares the key (``ignore_keys_at_rope_validation``)
+    gets sections that fit its shrunk head_dim."""
+    for c in _sub_configs(config):
+        if "mrope_section" not in (getattr(type(c), "ignore_keys_at_rope_validation", None) or ()):
+            continue
+        rope = getattr(c, "rope_parameters", None)
+        heads = getattr(c, "num_attention_heads", None)
+        hd = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else None)
+        if not isinstance(rope, dict) or not hd:
+            continue
+        sec = rope.get("mrope_section") or [16, 24, 24]
+        if sum(sec) != hd // 2:
+            total = sum(sec)
+            new = [max(1, (hd // 2) * x // total) for x in sec]
+            new[-1] += hd // 2 - sum(new)
+            rope["mrope_section"] = new
+
+
+def _count_meta(cls, config) -> int:
+    with torch.device("meta"):
+        m = cls(config)
+    return sum(p.numel() for p in m.parameters())
+
+
+def build(model_type: str, size: str = "small", device: str | torch.device | None = None,
+          max_small_params: int = 30_000_000, probe: bool = True, head: str | None = None):
+    """``(model, info)`` for a config type. ``size="default"``: the default config (use
+    ``device="meta"`` for a full-size model with no memory). ``size="small"``: the default config
+    shrunk at the highest level whose model builds, stays under ``max_small_params`` and runs
+    forward on its ``example_inputs`` (``probe``); ``info["level"]`` says which, ``info["tried"]``
+    why the higher ones were left. Raises the last level's error when none works."""
+    if size not in ("small", "default"):
+        raise ValueError(f"size must be 'small' or 'default', got {size!r}")
+    cls = model_class(model_type, head)
+    config = default_config(model_type)
+    if size == "default":
+        with torch.device(device or "cpu"):
+            return cls(config).eval(), {"level": None, "config": config, "class": cls.__name__}
+    tried: list[str] = []
+    err: Exception | None = None
+    for level in (2, 1, 0):
+        try:
+            small = shrink_config(config, level)
+            n = _count_meta(cls, small)
+            if n > max_small_params:
+                raise ValueError(f"{n / 1e6:.1f}M parameters > {max_small_params / 1e6:.0f}M")
+            with torch.device(device or "cpu"):
+                model = cls(small).eval()
+            if probe:
+                with torch.no_grad():
+                    model(**example_inputs(model))
+            return model, {"level": level, "config": small, "class": cls.__name__, "tried": tried}
+        except Exception as e:  # noqa: BLE001 - any failure means: shrink less
+            err = e
+            tried.append(f"level {level}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+    assert err is not None
+    raise type(err)(f"{model_type}: no shrink level builds and runs ({'; '.join(tried)})") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# example inputs
+# ---------------------------------------------------------------------------------------------
+SEQ = 16
+
+
+@dataclass
+class _Ctx:
+    model: nn.Module
+    config: Any
+    batch: int
+    seq: int
+    g: torch.Generator
+    device: torch.device
+    params: dict
+
+    def sub(self, *kinds: str):
+        """The first sub-config of these kinds (``vision``, ``audio``, ``text``...), else the config."""
+        for kind in kinds:
+            for attr in (f"{kind}_config", f"{kind}_encoder_config", f"{kind}_tower_config", kind):
+                c = getattr(self.config, attr, None)
+                if c is not None and hasattr(c, "to_dict"):
+                    return c
+        return self.config
+
+    def text(self):
+        get = getattr(self.config, "get_text_config", None)
+        try:
+            return get(decoder=True) if get else self.config
+        except TypeError:
+            return get()
+
+    def first(self, cfg, *keys, default=None):
+        for k in keys:
+            v = getattr(cfg, k, None)
+            if v is not None and not isinstance(v, bool):
+                return v
+        return default
+
+    # made on the CPU (a generator's device), moved to the model's device at the end
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.g)
+
+    def randint(self, lo, hi, *shape):
+        return torch.randint(lo, max(hi, lo + 1), shape, generator=self.g)
+
+
+def _vocab(c: _Ctx, cfg=None) -> int:
+    cfg = cfg or c.text()
+    v = c.first(cfg, "vocab_size", default=None) or c.first(c.config, "vocab_size", default=256)
+    return int(v)
+
+
+def _ordinary_ids(c: _Ctx, n: int, cfg=None) -> torch.Tensor:
+    """Token ids that are not special: above the low ids (pad/bos/eos/unk sit there) and clear of
+    every ``*_token_id`` the config names (image/audio placeholders would ask for features)."""
+    vocab = _vocab(c, cfg)
+    special = set(_token_ids(c.config.to_dict()))
+    lo = min(4, vocab - 1)
+    ids = c.randint(lo, vocab, c.batch, n)
+    if special:
+        ok = torch.tensor(sorted(x for x in range(lo, min(vocab, lo + 64)) if x not in special) or [lo])
+        ids = torch.where(torch.isin(ids, torch.tensor(sorted(special))), ok[0], ids)
+    return ids
+
+
+def _image_size(c: _Ctx) -> tuple[int, int, int]:
+    v = c.sub("vision", "backbone")
+    ch = int(c.first(v, "num_channels", "in_channels", "in_chans", "input_channels", default=3))
+    s = c.first(v, "image_size", "img_size", "input_size", "crop_size", default=None)
+    if s is None:
+        s = c.first(c.config, "image_size", default=64)
+    if isinstance(s, dict):
+        s = (s.get("height", 64), s.get("width", 64))
+    if isinstance(s, (list, tuple)):
+        s = [int(x) for x in s][-2:]
+        h, w = (s[0], s[0]) if len(s) == 1 else s
+    else:
+        h = w = int(s)
+    return ch, h, w
+
+
+def _grid(c: _Ctx) -> tuple[int, int, int]:
+    v = c.sub("vision")
+    merge = int(c.first(v, "spatial_merge_size", "merge_size", default=2) or 2)
+    return 1, 2 * merge, 2 * merge
+
+
+def _patches(c: _Ctx):
+    """Qwen2-VL style: pixel_values are flattened patches, (images x t*h*w, C*T*P*P), with a grid."""
+    v = c.sub("vision")
+    ch = int(c.first(v, "in_channels", "num_channels", "in_chans", default=3))
+    p = int(c.first(v, "patch_size", default=14))
+    tp = int(c.first(v, "temporal_patch_size", default=2) or 1)
+    t, h, w = _grid(c)
+    return c.randn(c.batch * t * h * w, ch * tp * p * p)
+
+
+def _grid_thw(c: _Ctx):
+    return torch.tensor([list(_grid(c))] * c.batch)
+
+
+def _pixel_values(c: _Ctx):
+    if any(k in c.params for k in ("image_grid_thw", "grid_thw")):
+        return _patches(c)
+    if c.first(c.sub("vision"), "num_frames", default=None) and "pixel_values_videos" not in c.params:
+        return _videos(c)  # video models (timesformer, vivit, videomae) take clips as pixel_values
+    ch, h, w = _image_size(c)
+    return c.randn(c.batch, ch, h, w)
+
+
+def _videos(c: _Ctx):
+    ch, h, w = _image_size(c)
+    v = c.sub("vision")
+    t = int(c.first(v, "num_frames", "frames", default=None) or c.first(c.config, "num_frames", default=2))
+    return c.randn(c.batch, t, ch, h, w)
+
+
+def _audio_cfg(c: _Ctx):
+    return c.sub("audio", "encoder", "speech")
+
+
+def _input_values(c: _Ctx):
+    a = _audio_cfg(c)
+    # a second of 16 kHz audio shrunk to what the feature encoder's strides still turn into a few frames
+    strides = c.first(a, "conv_stride", default=None)
+    hop = math.prod(strides) if isinstance(strides, (list, tuple)) and strides else 320
+    n = max(hop * 8, 1600)
+    chans = c.first(a, "audio_channels", default=None)
+    if chans and int(chans) > 1 or "input_values" in c.params and _wants_channels(c.model):
+        return c.randn(c.batch, int(chans or 1), n)
+    return c.randn(c.batch, n)
+
+
+def _wants_channels(model) -> bool:
+    """Audio codecs (encodec, dac, mimi...) take (batch, channels, samples): their first conv is 1-D."""
+    return type(model).__name__.lower().startswith(("encodec", "dac", "mimi", "xcodec", "snac"))
+
+
+def _input_features(c: _Ctx):
+    a = _audio_cfg(c)
+    mel = c.first(a, "num_mel_bins", "feature_size", "input_feat_per_channel", "n_mels", "num_mel_filters",
+                  default=80)
+    src = c.first(a, "max_source_positions", default=None)
+    if src is not None and c.first(a, "num_mel_bins", default=None) is not None:
+        # Whisper-style encoders want exactly 2 x max_source_positions frames (two convs, stride 2)
+        frames = 2 * int(src)
+        return c.randn(c.batch, int(mel), frames)
+    return c.randn(c.batch, 32, int(mel) * int(c.first(a, "input_channels", default=1)))
+
+
+def _bbox(c: _Ctx):
+    xy = c.randint(0, 500, c.batch, c.seq, 2)
+    wh = c.randint(1, 500, c.batch, c.seq, 2)
+    return torch.cat([xy, xy + wh], -1)
+
+
+def _decoder_ids(c: _Ctx):
+    cfg = c.text()
+    return _ordinary_ids(c, max(2, c.seq // 2), cfg)
+
+
+def _ones_like(key: str):
+    return lambda c, got: torch.ones_like(got[key], dtype=torch.long) if key in got and got[key].dim() == 2 \
+        else torch.ones(c.batch, c.seq, dtype=torch.long)
+
+
+def _past_values(c: _Ctx):
+    # time series: context + the largest lag, channels = input_size / num_input_channels
+    ctx = int(c.first(c.config, "context_length", "sequence_length", default=32) or 32)
+    lags = c.first(c.config, "lags_sequence", default=None) or [0]
+    multi = c.first(c.config, "num_input_channels", default=None)  # PatchTST-style: always (b, t, channels)
+    ch = int(multi or c.first(c.config, "input_size", "num_channels", default=1) or 1)
+    shape = (c.batch, ctx + max(lags)) + ((ch,) if ch > 1 or multi else ())
+    return c.randn(*shape)
+
+
+# name -> how to make it; "when": "always" (make it whenever forward has it), "required" (only if
+# forward requires it or it is the main input). Functions take (ctx) or, for masks, (ctx, made so far).
+INPUT_RULES: dict[str, tuple[str, Callable]] = {
+    "input_ids": ("always", lambda c: _ordinary_ids(c, c.seq)),
+    "pixel_values": ("always", _pixel_values),
+    "pixel_values_videos": ("required", _videos),
+    "image_grid_thw": ("with:pixel_values", lambda c: _grid_thw(c)),
+    "grid_thw": ("with:pixel_values", lambda c: _grid_thw(c)),
+    "input_values": ("always", _input_values),
+    "input_features": ("always", _input_features),
+    "bbox": ("always", _bbox),
+    "decoder_input_ids": ("encdec", _decoder_ids),
+    "past_values": ("always", _past_values),
+    "attention_mask": ("mask", _ones_like("input_ids")),
+    "decoder_attention_mask": ("mask", _ones_like("decoder_input_ids")),
+    "past_observed_mask": ("mask", lambda c, got: torch.ones_like(got["past_values"])),
+}
+
+
+def _forward_params(model: nn.Module) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(model.forward)
+    return {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _is_encdec(model, params) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False)) or (
+        "decoder_input_ids" in params and "input_ids" not in params)
+
+
+def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: int = 0,
+                   device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Keyword inputs for one forward of a transformers ``PreTrainedModel``: ``model(**inputs)``.
+
+    From ``forward``'s signature, ``main_input_name`` and the config: token ids (clear of special
+    ids) and masks for text, ``pixel_values`` at the vision config's channels and image size,
+    ``input_values`` / ``input_features`` from the audio config, video frames, bounding boxes,
+    decoder ids for encoder-decoders, and both towers of a multimodal model (with the image
+    placeholder tokens its vision tower's features fill). Tensors go to ``device`` (default: the
+    model's own, ``meta`` included)."""
+    tf = _tf()
+    if not isinstance(model, tf.PreTrainedModel):
+        raise TypeError(f"example_inputs wants a transformers PreTrainedModel, got {type(model).__name__}; "
+                        "for other models pass your own example inputs")
+    params = _forward_params(model)
+    if device is None:
+        p = next(iter(model.parameters()), None)
+        device = p.device if p is not None else torch.device("cpu")
+    c = _Ctx(model, model.config, batch, seq_len, torch.Generator().manual_seed(seed), torch.device(device), params)
+    main = model.main_input_name
+    mains = set(main if isinstance(main, (list, tuple)) else [main])
+    required = {n for n, p in params.items() if p.default is p.empty}
+    got: dict[str, torch.Tensor] = {}
+    for name, (when, make) in INPUT_RULES.items():
+        if name not in params or when == "mask":
+            continue
+        if when == "always" or name in mains or name in required or (when == "encdec" and _is_encdec(model, params)):
+            got[name] = make(c)
+        elif when.startswith("with:") and when[5:] in got:
+            got[name] = make(c)
+    # on meta, all-ones masks are left out: they mean what no mask means, and mask code reads values (.item())
+    for name, (when, make) in INPUT_RULES.items() if c.device.type != "meta" else ():
+        if when == "mask" and name in params and any(k in got for k in ("input_ids", "decoder_input_ids", "past_values")):
+            if name == "past_observed_mask" and "past_values" not in got:
+                continue
+            if name == "decoder_attention_mask" and "decoder_input_ids" not in got:
+                continue
+            if name == "attention_mask" and "input_ids" not in got:
+                continue
+            got[name] = make(c, got)
+    missing = [n for n in required if n not in got and n not in mains]
+    missing += [n for n in mains if n not in got and n in params]
+    if missing:
+        raise ValueError(f"nerofy.example_inputs cannot make {', '.join(sorted(set(missing)))} for "
+                         f"{type(model).__name__}.forward; pass example inputs of your own")
+    got = {k: v.to(c.device) for k, v in got.items()}
+    _fill_placeholders(c, got)
+    return got
+
+
+_PLACEHOLDERS = (("image", "pixel_values", "get_image_features"),
+                 ("video", "pixel_values_videos", "get_video_features"),
+                 ("audio", "input_features", "get_audio_features"))
+
+
+def _feature_count(out) -> int | None:
+    """Rows of features a tower returns: (n, t, d) -> n*t, a list of (t, d) -> sum t."""
+    if hasattr(out, "pooler_output") and getattr(out, "pooler_output", None) is not None and not isinstance(out, torch.Tensor):
+        out = out.pooler_output
+    elif hasattr(out, "last_hidden_state") and not isinstance(out, torch.Tensor):
+        out = out.last_hidden_state
+    if isinstance(out, torch.Tensor):
+        return math.prod(out.shape[:-1]) if out.dim() >= 2 else None
+    if isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
+        return sum(math.prod(t.shape[:-1]) for t in out)
+    return None
+
+
+def _fill_placeholders(c: _Ctx, got: dict) -> None:
+    """A multimodal model scatters its tower's features into the text where the placeholder ids
+    (``image_token_id`` ...) sit: put as many there as the tower makes, so no tower goes unused."""
+    if "input_ids" not in got:
+        return
+    holes = []
+    for kind, key, method in _PLACEHOLDERS:
+        tok = c.first(c.config, f"{kind}_token_id", f"{kind}_token_index", default=None)
+        fn = getattr(c.model, method, None) or getattr(getattr(c.model, "model", None), method, None)
+        if tok is None or key not in c.params or fn is None:
+            continue
+        if key not in got:
+            if kind != "image":
+                continue
+            got[key] = _pixel_values(c).to(c.device)
+        try:  # the tower's own extra inputs (image_grid_thw ...) go with its pixels
+            extra = {k: v for k, v in got.items() if k != key and k in inspect.signature(fn).parameters
+                     and not k.startswith(("input_ids", "attention_mask"))}
+            with torch.no_grad(), (meta_values() if c.device.type == "meta" else contextlib.nullcontext()):
+                n = _feature_count(fn(got[key], **extra))
+        except Exception:  # noqa: BLE001 - the forward will say what is wrong
+            n = None
+        if not n or n % c.batch:
+            continue
+        ids = got["input_ids"]
+        holes.append(torch.full((c.batch, n // c.batch), int(tok), dtype=ids.dtype, device=ids.device))
+    if holes:
+        got["input_ids"] = torch.cat([*holes, got["input_ids"]], 1)
+        if "attention_mask" in got:
+            got["attention_mask"] = torch.ones_like(got["input_ids"])
+        if "mm_token_type_ids" in c.params:  # processors' modality map: 0 text, 1 image, 2 video
+            kinds = torch.zeros_like(got["input_ids"])
+            for i, (kind, _, _) in enumerate(_PLACEHOLDERS[:2]):
+                tok = c.first(c.config, f"{kind}_token_id", f"{kind}_token_index", default=None)
+                if tok is not None:
+                    kinds[got["input_ids"] == int(tok)] = i + 1
+            got["mm_token_type_ids"] = kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# forwards on meta that read values
+# ---------------------------------------------------------------------------------------------
+def meta_values():
+    """A context in which a forward on ``meta`` tensors may read values: a scalar read (``.item()``,
+    ``if mask.any():``) answers True / 1, and a data-dependent selection (``nonzero``, boolean-mask
+    indexing) keeps every element, as if every mask were all ones. The shapes that follow are the
+    full ones, which is what a structural trace needs; no value is computed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+
+    class _MetaValues(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.device.type == "meta":
+                if func is aten._local_scalar_dense.default:
+                    return True if x.dtype == torch.bool else (1.0 if x.dtype.is_floating_point else 1)
+                if func is aten.nonzero.default:
+                    return torch.empty((x.numel(), x.dim()), dtype=torch.long, device="meta")
+                if func is aten._grouped_mm.default and x.dim() == 2 and args[1].dim() == 3:
+                    # experts' grouped matmul: the meta kernel wants bf16; the shape is (tokens, out)
+                    return torch.empty((x.shape[0], args[1].shape[-1]), dtype=x.dtype, device="meta")
+                if func is aten.masked_select.default:
+                    return torch.empty((torch.broadcast_shapes(x.shape, args[1].shape).numel(),), dtype=x.dtype,
+                                       device="meta")
+            return func(*args, **kwargs)
+
+    return _MetaValues()

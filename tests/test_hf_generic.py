@@ -1,0 +1,226 @@
+"""nerofy.hf: any transformers config type built from its own default config, shrunk generically, with
+example inputs synthesised from the model (``nerofy.example_inputs``), and the CLI's
+``transformers:TYPE`` through it. The 83 hand-written specs the zoo used to carry are test cases of
+the generic path here (their tasks; the full check of each is marked slow)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import nerofy
+
+transformers = pytest.importorskip("transformers")
+from nerofy import hf  # noqa: E402
+
+# what the hand-written specs said each of them is (cli/sources.py before the generic path); two
+# names were nerofy's own: deberta_v2 is transformers' "deberta-v2", clip_vision its "clip_vision_model"
+OLD_SPECS = {
+    "bert": "encoder", "roberta": "encoder", "distilbert": "encoder", "gpt2": "decoder", "llama": "decoder",
+    "mixtral": "decoder", "t5": "encoder-decoder", "bart": "encoder-decoder", "vit": "vision", "wav2vec2": "speech",
+    "whisper": "speech", "mistral": "decoder", "qwen2": "decoder", "qwen3": "decoder", "gemma": "decoder",
+    "gemma2": "decoder", "phi": "decoder", "phi3": "decoder", "falcon": "decoder", "gpt_neox": "decoder",
+    "gptj": "decoder", "opt": "decoder", "bloom": "decoder", "gpt_bigcode": "decoder", "mpt": "decoder",
+    "stablelm": "decoder", "starcoder2": "decoder", "olmo2": "decoder", "cohere": "decoder", "granite": "decoder",
+    "nemotron": "decoder", "persimmon": "decoder", "biogpt": "decoder", "mamba": "decoder", "rwkv": "decoder",
+    "recurrent_gemma": "decoder", "qwen2_moe": "decoder", "qwen3_moe": "decoder", "granitemoe": "decoder",
+    "jamba": "decoder", "gpt_oss": "decoder", "deepseek_v3": "decoder", "deberta-v2": "encoder",
+    "electra": "encoder", "albert": "encoder", "mobilebert": "encoder", "swin": "vision", "convnext": "vision",
+    "segformer": "vision", "dinov2": "vision", "beit": "vision", "clip_vision_model": "vision", "resnet": "vision",
+    "mobilevit": "vision", "xlnet": "encoder", "reformer": "encoder", "longformer": "encoder",
+    "big_bird": "encoder", "funnel": "encoder", "fnet": "encoder", "canine": "encoder", "squeezebert": "encoder",
+    "mpnet": "encoder", "convbert": "encoder", "perceiver": "encoder", "ctrl": "decoder", "xglm": "decoder",
+    "codegen": "decoder", "gpt_neo": "decoder", "mamba2": "decoder", "falcon_mamba": "decoder", "olmoe": "decoder",
+    "phimoe": "decoder", "switch_transformers": "encoder-decoder", "pegasus": "encoder-decoder",
+    "mt5": "encoder-decoder", "longt5": "encoder-decoder", "levit": "vision", "detr": "vision",
+    "timesformer": "video", "hubert": "speech", "patchtst": "time-series", "clip": "multimodal",
+}
+SAMPLE = ["llama", "bert", "t5", "vit", "wav2vec2", "whisper", "clip", "mixtral"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small():
+    """type -> (shrunk model, info), built once for the module."""
+    cache = {}
+
+    def get(t):
+        if t not in cache:
+            torch.manual_seed(0)
+            cache[t] = hf.build(t, "small")
+        return cache[t]
+    return get
+
+
+def _meta_params(cls, config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in cls(config).parameters())
+
+
+@pytest.mark.parametrize("t", SAMPLE)
+def test_shrunk_config_is_smaller_and_builds(t, small):
+    cls, config = hf.model_class(t), hf.default_config(t)
+    full = _meta_params(cls, config)
+    model, info = small(t)
+    n = sum(p.numel() for p in model.parameters())
+    assert info["level"] in (0, 1, 2) and info["class"] == cls.__name__
+    assert n < full / 20 and n < 3_000_000, (t, n, full)
+    assert next(model.parameters()).device.type == "cpu"
+    # only ever shrinks: every int the rules touch is at most the default's
+    s, d = hf.shrink_config(config).to_dict(), config.to_dict()
+    for k, v in s.items():
+        if isinstance(v, int) and not isinstance(v, bool) and isinstance(d.get(k), int) and k != "vocab_size":
+            assert v <= d[k], (t, k, v, d[k])
+
+
+def test_shrink_rules_cap_depth_width_heads_experts_and_every_sub_config():
+    llama = hf.shrink_config(hf.default_config("llama"))
+    assert (llama.num_hidden_layers, llama.hidden_size, llama.num_attention_heads, llama.intermediate_size) == (2, 32, 2, 64)
+    assert llama.num_key_value_heads == 1 and llama.vocab_size == 256
+    mixtral = hf.shrink_config(hf.default_config("mixtral"))
+    assert mixtral.num_local_experts == 4 and mixtral.num_experts_per_tok == 2
+    clip = hf.shrink_config(hf.default_config("clip"))
+    for sub in (clip.text_config, clip.vision_config):
+        assert sub.num_hidden_layers == 2 and sub.hidden_size == 32 and sub.num_attention_heads == 2
+    assert clip.vision_config.image_size == 64 and clip.projection_dim == 32
+    # level 0 leaves widths alone; a type's per-layer lists follow its new depth
+    assert hf.shrink_config(hf.default_config("llama"), 0).hidden_size == 4096
+    qwen3 = hf.shrink_config(hf.default_config("qwen3"))
+    if getattr(qwen3, "layer_types", None) is not None:
+        assert len(qwen3.layer_types) == qwen3.num_hidden_layers
+    # special ids must still index the shrunk vocabulary
+    assert clip.text_config.vocab_size > clip.text_config.eos_token_id
+
+
+@pytest.mark.parametrize("t", SAMPLE)
+def test_example_inputs_run_every_tower_and_plan_places_every_parameter(t, small):
+    model, _ = small(t)
+    model.train()
+    inputs = nerofy.example_inputs(model)
+    assert inputs and all(isinstance(v, torch.Tensor) for v in inputs.values())
+    main = model.main_input_name
+    assert main in inputs, (t, main, list(inputs))
+    out = model(**inputs)
+    from nerofy.check import default_loss
+
+    loss = default_loss(out)
+    assert torch.isfinite(loss), (t, loss)
+    model.zero_grad()
+    loss.backward()
+    unused = {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    # wav2vec2's masked_spec_embed is used only when time masking is on (mask_time_prob)
+    assert unused <= {"masked_spec_embed"}, (t, sorted(unused)[:5])
+    plan = nerofy.plan(model, inputs)
+    names = {n for n, _ in model.named_parameters()}
+    assert {e.name for e in plan} == names
+    free = {e.name for e in plan if e.role == "free"}
+    assert free <= unused, (t, sorted(free - unused)[:5])
+    assert plan.summary()["constrained_share"] > 0.5
+
+
+def test_multimodal_inputs_feed_both_towers(small):
+    model, _ = small("clip")
+    inputs = hf.example_inputs(model, batch=3, seq_len=7, seed=1)
+    assert inputs["input_ids"].shape == (3, 7) and inputs["pixel_values"].shape == (3, 3, 64, 64)
+    model.zero_grad()
+    out = model(**inputs, return_loss=True)
+    out.loss.backward()
+    for tower in ("text_model", "vision_model"):
+        got = [p.grad is not None and bool(p.grad.abs().sum() > 0) for p in getattr(model, tower).parameters()]
+        assert got and all(got), tower
+    # the same seed gives the same inputs; another seed others
+    again = hf.example_inputs(model, batch=3, seq_len=7, seed=1)
+    assert all(torch.equal(again[k], inputs[k]) for k in inputs)
+    other = hf.example_inputs(model, batch=3, seq_len=7, seed=2)
+    assert not torch.equal(other["pixel_values"], inputs["pixel_values"])
+
+
+def test_encoder_decoder_and_speech_inputs_follow_the_config(small):
+    t5, _ = small("t5")
+    x = hf.example_inputs(t5)
+    assert {"input_ids", "decoder_input_ids"} <= set(x)
+    whisper, _ = small("whisper")
+    x = hf.example_inputs(whisper)
+    c = whisper.config
+    assert x["input_features"].shape == (2, c.num_mel_bins, 2 * c.max_source_positions)
+    assert "decoder_input_ids" in x
+    vocab = t5.config.vocab_size
+    ids = hf.example_inputs(t5)["input_ids"]
+    specials = {t5.config.pad_token_id, t5.config.eos_token_id}
+    assert int(ids.max()) < vocab and not any(bool((ids == s).any()) for s in specials)
+
+
+def test_example_inputs_on_meta_at_the_default_size():
+    """The structural zoo row: the full-size model on meta with meta inputs (real parameter counts)."""
+    model, info = hf.build("bert", "default", device="meta")
+    assert info["level"] is None
+    assert sum(p.numel() for p in model.parameters()) == 109_482_240  # bert-base
+    x = hf.example_inputs(model)
+    assert all(v.device.type == "meta" for v in x.values()) and "attention_mask" not in x
+    with hf.meta_values():
+        plan = nerofy.plan(model, x)
+    assert plan.frontend == "record" and not [e for e in plan if e.role == "free"]
+
+
+def test_example_inputs_refuses_other_models():
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        hf.example_inputs(torch.nn.Linear(2, 2))
+
+
+def test_unknown_type_names_close_matches():
+    with pytest.raises(KeyError, match="did you mean llama"):
+        hf.model_class("lama")
+    with pytest.raises(KeyError, match="clip_vision_model"):
+        hf.build("clip_vison")
+    with pytest.raises(ValueError, match="size must be"):
+        hf.build("bert", "tiny")
+
+
+def test_every_config_type_is_a_zoo_spec_and_the_old_specs_keep_their_task():
+    from nerofy_cli import hf_source
+    from nerofy_cli import sources as S
+
+    types = hf.model_types()
+    assert S.names("transformers") == types and len(types) > 500
+    assert set(OLD_SPECS) <= set(types)
+    wrong = {t: (hf_source.task_of(t), want) for t, want in OLD_SPECS.items() if hf_source.task_of(t) != want}
+    # read from the library, two differ from the hand-written labels: xlnet has a causal-LM head and no
+    # masked-LM one; perceiver's main input is a generic "inputs" tensor
+    assert wrong == {"xlnet": ("decoder", "encoder"), "perceiver": ("other", "encoder")}, wrong
+    # decoders get their causal-LM head; the rest their AutoModel class
+    assert hf_source.head_for("gpt2") == "causal_lm" and hf.model_class("gpt2", "causal_lm").__name__ == "GPT2LMHeadModel"
+    assert hf_source.head_for("bert") is None and hf_source.head_for("t5") is None and hf_source.head_for("clip") is None
+
+
+def test_cli_plan_and_convert_a_transformers_type():
+    pytest.importorskip("typer")
+    from typer.testing import CliRunner
+
+    from nerofy_cli.app import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["plan", "transformers:llama"])
+    assert res.exit_code == 0, res.stderr
+    assert "model.layers.0.mlp.gate_proj.weight" in res.stdout and "tracer: record" in res.stdout
+    res = runner.invoke(app, ["plan", "transformers:lama"])
+    assert res.exit_code == 1 and "transformers:llama" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("t", sorted(OLD_SPECS))
+def test_old_spec_passes_the_full_check_through_the_generic_path(t):
+    from nerofy_cli import sources as S
+
+    row = S.check_job("transformers", t, steps=2)
+    assert row["status"] == "pass", (t, row["status"], row["error"])
+    assert row["axes"]["fail"] == 0
