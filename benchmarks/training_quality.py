@@ -33,6 +33,9 @@ Configurations (``--configs``; each gets the plain model built right after torch
   nerofy                 nerofy.wrap(model, lr=0.01)   (library defaults)
   nerofy projected       ... update="projected"
   nerofy paper-update    ... update="paper"
+  nerofy no clip         ... clip=None: Nero's steps uncapped, as in the paper (the default caps each
+                         neuron's step at 2 lr: ||g|| / sqrt(v_hat) at most 2)
+  nerofy clip 1 / 2 / 3  ... clip=1 / 2 / 3: the cap at 1, 2 (the default) or 3 lr
   nerofy unit-gain       ... scale="unit"
   nerofy signal-gain     ... scale="signal"
   nerofy tables free     nerofy.plan, then every "embedding"/"additive" entry overridden balanced=False
@@ -237,6 +240,10 @@ CONFIGS = {
     "nerofy": _wrap(),
     "nerofy projected": _wrap(update="projected"),
     "nerofy paper-update": _wrap(update="paper"),
+    "nerofy no clip": _wrap(clip=None),
+    "nerofy clip 1": _wrap(clip=1.0),
+    "nerofy clip 2": _wrap(clip=2.0),
+    "nerofy clip 3": _wrap(clip=3.0),
     "nerofy unit-gain": _wrap(scale="unit"),
     "nerofy signal-gain": _wrap(scale="signal"),
     "nerofy tables free": _tables(False),

@@ -68,9 +68,10 @@ static inline double hsum(v8 a) { double s = 0.0; for (int j = 0; j < 8; j++) s 
      cols == 0: elementwise tensor of `rows` elements (v per element, no constraint);
      else `rows` neurons of `cols` contiguous floats each, v per neuron; flags: 1 centre, 2 normalise.
    fmeta (double, 2 per tensor): lr * scale, 1 / (1 - beta^step).
+   clipinv: 1 / clip (0: none): the denominator is at least ||g|| * clipinv (|g| per element).
    Returns the number of neurons/elements whose non-finite gradient was treated as zero. */
 int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, double beta, double eps,
-                        int skip, int nthreads, int64_t chunk_bytes) {
+                        double clipinv, int skip, int nthreads, int64_t chunk_bytes) {
     int64_t ntasks = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t rows = meta[6*i+3], cols = meta[6*i+4];
@@ -89,7 +90,7 @@ int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, dou
             tasks[k].t = i; tasks[k].a = a; tasks[k].b = a + per < rows ? a + per : rows; k++;
         }
     }
-    const float fb = (float)beta, f1b = (float)(1.0 - beta), feps = (float)eps;
+    const float fb = (float)beta, f1b = (float)(1.0 - beta), feps = (float)eps, fci = (float)clipinv;
     int64_t skipped = 0;
 #ifdef _OPENMP
     #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(+:skipped) if(nthreads > 1)
@@ -109,6 +110,8 @@ int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, dou
                 v[e] = vi;
                 float d = sqrtf(vi * bc);
                 d = d < feps ? feps : d;
+                const float dc = fabsf(gi) * fci;
+                d = d < dc ? dc : d;
                 w[e] -= lrs * gi / d;
             }
             continue;
@@ -135,6 +138,8 @@ int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, dou
             v[r] = vi;
             float d = sqrtf(vi * bc);
             d = d < feps ? feps : d;
+            const float dc = sqrtf(sq) * fci;
+            d = d < dc ? dc : d;
             const float cf = -lrs / d;
             const v8 cv = cf - (v8){0};
             v8 s0 = {0}, s1 = {0}, q0 = {0}, q1 = {0};
@@ -301,7 +306,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None, dict]:
             continue
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double, ctypes.c_double,
-                       ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+                       ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
         lib.nero_fused_has_openmp.restype = ctypes.c_int
         info.update(path=so, flags=" ".join(base + extra), compiler=cc[0], openmp=bool(lib.nero_fused_has_openmp()))
         return lib, None, info
@@ -437,7 +442,7 @@ def partition(neurons: list, elements: list):
 
 
 def run(fused_neurons: list, fused_elements: list, *, lr: float, beta: float, eps: float,
-        skip_nonfinite: bool = True) -> int:
+        skip_nonfinite: bool = True, clip_inv: float = 0.0) -> int:
     """Apply the step to lists made by :func:`partition`. Returns the number of neurons/elements
     whose non-finite gradient was treated as zero."""
     lib = _load()["lib"]
@@ -461,7 +466,8 @@ def run(fused_neurons: list, fused_elements: list, *, lr: float, beta: float, ep
     # small steps stay on one thread: waking a team costs more than the work, and far more when
     # the cores are busy (threads then wait for a core at every barrier)
     threads = 1 if total < _PARALLEL_MIN_ELEMENTS else max(1, torch.get_num_threads())
-    skipped = lib.nero_fused_step(n, mt.data_ptr(), ft.data_ptr(), float(beta), float(eps), int(bool(skip_nonfinite)),
+    skipped = lib.nero_fused_step(n, mt.data_ptr(), ft.data_ptr(), float(beta), float(eps), float(clip_inv),
+                                  int(bool(skip_nonfinite)),
                                   threads, _CHUNK_BYTES)
     if skipped < 0:
         raise MemoryError("nerofy fused kernel: out of memory")

@@ -55,7 +55,7 @@ _EW_BLOCK = 1024  # elements per program of the elementwise kernel
 _COLS = 16  # int64 columns of the per-tensor table
 # per-tensor columns: 0 w ptr, 1 g ptr, 2 v ptr, 3 L, 4 L1, 5 S0, 6 S1, 7 flags,
 # 8 lr*s (or s when capturable), 9 1/(1-beta^t), 10 beta, 11 eps, 12 lr ptr (capturable), 13 log(beta),
-# 14 1-beta
+# 14 1-beta, 15 1/clip (0: no cap)
 # (floats are stored as their float64 bit patterns)
 _CENTER, _NORMALIZE, _SKIP = 1, 2, 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -228,6 +228,7 @@ class TritonStep:
             static[c + 11] = _f64_bits(group["eps"])
             static[c + 13] = _f64_bits(math.log(beta) if beta > 0 else -math.inf)
             static[c + 14] = _f64_bits(1.0 - beta)
+            static[c + 15] = _f64_bits(_clip_inv(group))
         self._static = static
         self._launches = [(key, torch.cat(rows).contiguous().to(device)) for key, rows in launches.items()]
         self._ptrs = None
@@ -246,7 +247,7 @@ class TritonStep:
                 g_fix.append(g)
                 items[j] = (w, g, v, lay, group, st)
         key = tuple((w.shape, w.stride(), w.dtype, g.dtype, v.shape, v.stride(), lay, id(group),
-                     group["beta"], group["eps"], group["skip_nonfinite"]) for w, g, v, lay, group, st in items)
+                     group["beta"], group["eps"], group["skip_nonfinite"], _clip_inv(group)) for w, g, v, lay, group, st in items)
         if key != self._key:
             self._build(items, device, capturable)
             self._key = key
@@ -322,6 +323,12 @@ class TritonStep:
             self._table = host.clone() if device.type == "cpu" else host.pin_memory().to(device, non_blocking=True)
             self._ptrs = ptrs
         return self._table, self._steps
+
+
+def _clip_inv(group: dict) -> float:
+    from .optim import clip_inv  # optim imports this module at its top
+
+    return clip_inv(group)
 
 
 def _as_step(s, device) -> Tensor:

@@ -6,7 +6,7 @@ never imports triton otherwise.
 Per-tensor table row (int64, 16 columns; floats as float64 bit patterns): 0 w ptr, 1 g ptr, 2 v ptr,
 3 L (fan-in, or numel), 4 L1, 5 S0, 6 S1 (fan-in element k sits at (k // L1) * S1 + (k % L1) * S0),
 7 flags (1 centre, 2 normalise, 4 skip non-finite), 8 lr * s (capturable: s), 9 1 / (1 - beta^t),
-10 beta, 11 eps, 12 lr ptr (capturable), 13 log(beta), 14 1 - beta.
+10 beta, 11 eps, 12 lr ptr (capturable), 13 log(beta), 14 1 - beta, 15 1 / clip (0: none).
 """
 import triton
 import triton.language as tl
@@ -25,16 +25,16 @@ def one_minus_pow(lnb, t):
 
 @triton.jit
 def coefs(t, tid, steps, CAPT: tl.constexpr):
-    """(lr * s, 1 / (1 - beta^step), beta, 1 - beta, eps) of the tensors in rows ``t`` of the table
-    (1 - beta has its own column: from a float32 beta it would be 1e-5 off)."""
-    beta, omb, eps = f64(t + 10), f64(t + 14), f64(t + 11)
+    """(lr * s, 1 / (1 - beta^step), beta, 1 - beta, eps, 1 / clip) of the tensors in rows ``t`` of
+    the table (1 - beta has its own column: from a float32 beta it would be 1e-5 off)."""
+    beta, omb, eps, ci = f64(t + 10), f64(t + 14), f64(t + 11), f64(t + 15)
     if CAPT:
         lr = tl.load(tl.load(t + 12).to(tl.pointer_type(tl.float32)))
         lrs = lr * f64(t + 8)
         bc = 1.0 / one_minus_pow(f64(t + 13), tl.load(steps + tid) + 1.0)
     else:
         lrs, bc = f64(t + 8), f64(t + 9)
-    return lrs, bc, beta, omb, eps
+    return lrs, bc, beta, omb, eps, ci
 
 @triton.jit
 def finite(x):
@@ -54,7 +54,7 @@ def neurons(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.
     gp = tl.load(t + 1).to(tl.pointer_type(G))
     vp = tl.load(t + 2).to(tl.pointer_type(tl.float32))
     L, L1, S0, S1, flags = tl.load(t + 3), tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
-    lrs, bc, beta, omb, eps = coefs(t, tid, steps, CAPT)
+    lrs, bc, beta, omb, eps, ci = coefs(t, tid, steps, CAPT)
     k = tl.arange(0, K)[None, :]
     off = base[:, None] + (k // L1[:, None]) * S1[:, None] + (k % L1[:, None]) * S0[:, None]
     m = rm[:, None] & (k < L[:, None])
@@ -66,7 +66,7 @@ def neurons(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.
     g = tl.where(bad[:, None], 0.0, g)
     v = beta * tl.load(vp + voff, mask=rm, other=0.0) + omb * sq
     tl.store(vp + voff, v, mask=rm)
-    c = lrs / tl.maximum(tl.sqrt(v * bc), eps)
+    c = lrs / tl.maximum(tl.maximum(tl.sqrt(v * bc), eps), tl.sqrt(sq) * ci)  # a step turns at most clip * lr
     w = w - c[:, None] * g  # masked lanes stay 0
     mean = tl.sum(w, 1) / L.to(tl.float32)
     w = tl.where(((flags & 1) != 0)[:, None] & m, w - mean[:, None], w)
@@ -100,7 +100,7 @@ def loop(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.con
     gp = tl.load(t + 1).to(tl.pointer_type(G)) + base
     vp = tl.load(t + 2).to(tl.pointer_type(tl.float32))
     L, L1, S0, S1, flags = tl.load(t + 3), tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
-    lrs, bc, beta, omb, eps = coefs(t, tid, steps, CAPT)
+    lrs, bc, beta, omb, eps, ci = coefs(t, tid, steps, CAPT)
     acc = tl.zeros((K,), dtype=tl.float32)
     for s in range(0, L, K):
         k = s + tl.arange(0, K)
@@ -112,7 +112,7 @@ def loop(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.con
     sq = tl.where(bad, 0.0, sq)
     v = beta * tl.load(vp + voff) + omb * sq
     tl.store(vp + voff, v)
-    c = tl.where(bad, 0.0, lrs / tl.maximum(tl.sqrt(v * bc), eps))  # c = 0: a NaN g is never read into w
+    c = tl.where(bad, 0.0, lrs / tl.maximum(tl.maximum(tl.sqrt(v * bc), eps), tl.sqrt(sq) * ci))  # c = 0: a NaN g is never read into w
     acc = tl.zeros((K,), dtype=tl.float32)
     for s in range(0, L, K):
         x, off, m = stepped(wp, gp, s, L, L1, S0, S1, bad, c, K)
@@ -141,7 +141,7 @@ def elements(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl
     gp = tl.load(t + 1).to(tl.pointer_type(G))
     vp = tl.load(t + 2).to(tl.pointer_type(tl.float32))
     L, flags = tl.load(t + 3), tl.load(t + 7)
-    lrs, bc, beta, omb, eps = coefs(t, tid, steps, CAPT)
+    lrs, bc, beta, omb, eps, ci = coefs(t, tid, steps, CAPT)
     e = start + tl.arange(0, K)
     m = e < L
     g = tl.load(gp + e, mask=m, other=0.0).to(tl.float32)
@@ -150,6 +150,6 @@ def elements(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl
     v = beta * tl.load(vp + e, mask=m, other=0.0) + omb * (g * g)
     tl.store(vp + e, v, mask=m)
     w = tl.load(wp + e, mask=m, other=0.0).to(tl.float32)
-    w = w - lrs * g / tl.maximum(tl.sqrt(v * bc), eps)
+    w = w - lrs * g / tl.maximum(tl.maximum(tl.sqrt(v * bc), eps), tl.abs(g) * ci)
     tl.store(wp + e, w.to(W), mask=m)
     tl.atomic_add(cnt, tl.sum(bad.to(tl.int64), 0))

@@ -169,12 +169,15 @@ def test_each_neuron_turns_by_atan_lr_per_step_with_tangent_gradients(layout, sh
                                    rtol=1e-6, atol=0)
 
 
-def test_steady_state_turning_angle_with_random_gradients_is_about_lr():
-    """Unprojected random gradients of varying size, default beta: after warm-up the measured
-    per-step angle averages ~lr (a fan-in-256 gradient is almost tangent)."""
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_steady_state_turning_angle_with_random_gradients_is_about_lr(clip):
+    """Unprojected random gradients of varying size (a log-normal scale per step), default beta:
+    after warm-up the paper's update (clip=None) turns each neuron by ~lr per step on average (a
+    fan-in-256 gradient is almost tangent); the default cap (clip=1) turns no neuron by more than
+    lr, so steps with a gradient above its running average are shortened and the mean is lower."""
     gen = torch.Generator().manual_seed(2)
     p = balanced_param((16, 256))
-    opt = Nero([p], lr=LR)
+    opt = Nero([p], lr=LR, clip=clip)  # clip=1: the tightest cap, where its effect is largest
     measured = []
     for t in range(250):
         w0 = p.detach().clone()
@@ -183,10 +186,95 @@ def test_steady_state_turning_angle_with_random_gradients_is_about_lr():
         if t >= 100:
             measured.append(angles(w0, p, ROWS))
     a = torch.stack(measured)
-    assert 0.9 * LR < a.mean().item() < 1.05 * LR
+    if clip is None:
+        assert 0.9 * LR < a.mean().item() < 1.05 * LR
+        assert a.max().item() > 1.2 * LR  # the uncapped update overshoots lr on large gradients
+    else:
+        # a step of norm lr from a unit vector turns it by at most asin(lr) (a tangent step: atan(lr))
+        assert a.max().item() <= math.asin(LR) * (1 + 1e-6)
+        assert 0.75 * LR < a.mean().item() < LR
     # every neuron turns at the same rate (the per-neuron normalisation)
     per_neuron = a.mean(dim=0)
     assert (per_neuron / per_neuron.mean() - 1).abs().max() < 0.05
+
+
+def _spike_run(path: str, clip, lr=LR):
+    """A (16, 64) balanced weight and a (16,) bias: 30 steps of small gradients, then one 1000x
+    larger (a loss spike). Returns the weight's per-neuron angles and the bias's change at the spike."""
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(0)
+    w = balanced_param((16, 64))
+    b = nn.Parameter(torch.full((16,), 0.5))
+    opt = Nero([{"params": [w], "layout": ROWS}, {"params": [b], "layout": ELEMENTWISE}], lr=lr, clip=clip,
+               **path_kw(path))
+    for t in range(31):
+        scale = 1000.0 if t == 30 else 1.0
+        w0, b0 = w.detach().clone(), b.detach().clone()
+        w.grad = torch.randn(w.shape, generator=gen) * scale
+        b.grad = torch.randn(b.shape, generator=gen) * scale
+        opt.step()
+    return angles(w0, w, ROWS), (b.detach() - b0).abs(), w.detach(), b.detach()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_clip_caps_each_step_at_lr_on_a_gradient_spike(path):
+    """v_hat is a slow average: a gradient 1000x its history makes the paper's step ~1/sqrt(1-beta)
+    ~ 31 lr long. The default cap (clip=1) turns no neuron by more than lr and moves no element by
+    more than lr * s (s = 0.5, the bias's mean magnitude); clip=None is the paper's update."""
+    ang, db, w, b = _spike_run(path, clip=1.0)
+    assert ang.max().item() <= math.asin(LR) * (1 + 1e-5)
+    assert ang.min().item() > 0.9 * LR  # the spike's direction dominates: every neuron turns by ~lr
+    assert db.max().item() <= LR * 0.5 * (1 + 1e-5)
+    ang_paper, db_paper, _, _ = _spike_run(path, clip=None)
+    assert ang_paper.min().item() > 5 * LR
+    assert db_paper.max().item() > 5 * LR * 0.5
+    # every route computes the same capped step
+    _, _, w_ref, b_ref = _spike_run("reference", clip=1.0)
+    torch.testing.assert_close(w, w_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(b, b_ref, atol=2e-6, rtol=1e-5)
+
+
+def test_clip_steps_below_the_cap_are_unchanged():
+    """Gradients of constant norm keep ||g|| = sqrt(v_hat): the cap never binds, so the step is the
+    paper's bit for bit."""
+    ws = []
+    for clip in (1.0, None):
+        torch.manual_seed(0)
+        w = balanced_param((8, 32))
+        opt = Nero([{"params": [w], "layout": ROWS}], lr=LR, clip=clip)
+        g0 = torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
+        for _ in range(10):
+            w.grad = g0.clone()
+            opt.step()
+        ws.append(w.detach().clone())
+    torch.testing.assert_close(ws[0], ws[1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, "1", True, float("nan")])
+def test_clip_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="clip"):
+        Nero([balanced_param((4, 8))], clip=bad)
+    opt = Nero([balanced_param((4, 8))])
+    with pytest.raises(ValueError, match="clip"):
+        opt.add_param_group({"params": [balanced_param((4, 8))], "clip": bad})
+
+
+def test_clip_is_a_group_option_and_survives_state_dict():
+    w1, w2 = balanced_param((4, 8)), balanced_param((4, 8))
+    opt = Nero([{"params": [w1]}, {"params": [w2], "clip": None}], lr=LR)
+    assert [g["clip"] for g in opt.param_groups] == [2.0, None]
+    sd = opt.state_dict()
+    opt2 = Nero([{"params": [w1]}, {"params": [w2]}], lr=LR)
+    opt2.load_state_dict(sd)
+    assert [g["clip"] for g in opt2.param_groups] == [2.0, None]
+    # a checkpoint from before the option: its groups lack the key and get the default cap
+    for g in sd["param_groups"]:
+        del g["clip"]
+    opt3 = Nero([{"params": [w1]}, {"params": [w2]}], lr=LR)
+    opt3.load_state_dict(sd)
+    w1.grad = torch.randn(w1.shape) * 1e3
+    w2.grad = torch.randn(w2.shape)
+    opt3.step()  # reads the missing key as the default
 
 
 # ---------------------------------------------------------------------------------------------

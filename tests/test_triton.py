@@ -417,3 +417,22 @@ def test_cuda_step_has_no_host_sync_and_captures_in_a_graph():
     torch.cuda.synchronize()
     assert any(not torch.equal(a, p) for a, p in zip(w, ps))
     assert opt.state[ps[0]]["step"].item() >= 4
+
+
+@pytest.mark.parametrize("kind", ["rows", "loop_fanin_5000", "elementwise"])
+def test_kernel_clip_matches_reference_on_a_gradient_spike(interpreted, kind):
+    """Small gradients, then one 1000x larger: the capped step (clip=1, the default) and the
+    paper's (clip=None) are the reference's on every kernel (registers, looped, elementwise), and
+    the cap shortens the spike's step."""
+    shape, lay = LAYOUTS[kind]
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    grads = _grads(shape, torch.float32, 6, bad=False, zero=False)
+    grads[-1] = grads[-1] * 1000.0
+    change = {}
+    for clip in (1.0, None):
+        got, _ = _run(w0, lay, grads, route="triton", clip=clip)
+        want, _ = _run(w0, lay, grads, route="reference", clip=clip)
+        torch.testing.assert_close(got, want, **TOL[torch.float32])
+        before, _ = _run(w0, lay, grads[:-1], route="reference", clip=clip)
+        change[clip] = (got - before).norm().item()
+    assert change[None] > 1.5 * change[1.0]
