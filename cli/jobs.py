@@ -222,6 +222,18 @@ def structural_job(name: str, stage: Stage = _noop, kwargs: dict | None = None) 
     return _finish(row, t0, source)
 
 
+def too_big(row: dict, model, max_params: int | None, stage: Stage = _noop) -> bool:
+    """Count the built model's parameters into the row; over ``max_params`` the row becomes
+    ``skipped_size`` (True: the caller finishes it without checking)."""
+    row["total_params"] = sum(p.numel() for p in model.parameters())
+    stage("counted", total_params=row["total_params"])
+    if max_params and row["total_params"] > max_params:
+        row["status"] = "skipped_size"
+        row["error"] = f"{row['total_params'] / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M"
+        return True
+    return False
+
+
 def fill_check_row(row: dict, r, steps: int, batch: int | None = None, verify: bool | str = True) -> None:
     """Copy a nerofy.check.CheckResult into a zoo row (status, roles, axes, loss, times)."""
     d = r.to_dict()
@@ -260,16 +272,16 @@ def check_job(name: str, stage: Stage = _noop, *, steps: int = 3, verify: bool |
     if n is not None:
         row["total_params"] = n
         stage("counted", total_params=n)
-    too_big = max_params and n is not None and n > max_params
+    over = max_params and n is not None and n > max_params
     no_fit = cannot_fit(n, row["base_rss_mb"]) if n is not None else None
-    if meta is not None and (too_big or no_fit):
+    if meta is not None and (over or no_fit):
         row["times"]["create"] = round(time.perf_counter() - t0, 4)
         st = structural(meta, row, stage)
         row["structural"] = st
-        row["status"] = ("skipped_size" if too_big else "oom") if st == "pass" else st
+        row["status"] = ("skipped_size" if over else "oom") if st == "pass" else st
         if st == "pass":
             row["error"] = (f"{n / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M: structural check only"
-                            if too_big else no_fit + "; structural check: pass")
+                            if over else no_fit + "; structural check: pass")
         return _finish(row, t0, source)
     del meta
     stage("create")

@@ -241,11 +241,7 @@ def check_job(source: str, name: str, stage: Callable[..., None] | None = None, 
         row["status"], row["error"] = ("oom" if jobs.is_oom(e) else "fail_create"), jobs._err(e)
         return jobs._finish(row, t0, src)
     row["times"]["create"] = round(time.perf_counter() - t0, 4)
-    row["total_params"] = sum(p.numel() for p in model.parameters())
-    stage("counted", total_params=row["total_params"])
-    if max_params and row["total_params"] > max_params:
-        row["status"] = "skipped_size"
-        row["error"] = f"{row['total_params'] / 1e6:.1f}M parameters > --max-params {max_params / 1e6:.0f}M"
+    if jobs.too_big(row, model, max_params, stage):
         return jobs._finish(row, t0, src)
     stage("check")
     r = check_model(model, inputs, steps=steps, verify=verify, loss_fn=spec.loss,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 
 import pytest
 import torch
@@ -43,3 +44,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def quiet_single_thread(single_thread):
+    """Building and checking zoo models: one thread (see single_thread), and the libraries'
+    deprecation and config warnings silenced (a module asks for it with an autouse fixture)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -4,7 +4,6 @@ example inputs synthesised from the model (``nerofy.example_inputs``), and the C
 the generic path here (their tasks; the full check of each is marked slow)."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -40,13 +39,8 @@ SAMPLE = ["llama", "bert", "t5", "vit", "wav2vec2", "whisper", "clip", "mixtral"
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(n)
+def _quiet(quiet_single_thread):
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ model_zoo_checks/check_torchvision.jsonl and check_transformers.jsonl.
 from __future__ import annotations
 
 import logging
-import warnings
 
 import pytest
 import torch
@@ -26,13 +25,8 @@ from nerofy_cli import sources as S  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-    torch.set_num_threads(n)
+def _quiet(quiet_single_thread):
+    yield
 
 
 def _check(source, name, steps=2):
