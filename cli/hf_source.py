@@ -114,6 +114,83 @@ def _unplaced(plan) -> list[str]:
     return [e.name for e in plan if e.role == "free" and e.frontend == ""]
 
 
+def build_error(model_type: str, head: str | None, e: BaseException) -> str:
+    """A row's reason for a type that does not build: nerofy's own reasons (no model class, a
+    missing package) as they are; an error raised inside transformers' modelling code while it
+    builds the default config is transformers' own, and the row says so, with the line."""
+    import traceback
+
+    from . import jobs
+
+    msg = jobs._err(e)
+    if isinstance(e, (LookupError, ImportError)) and not isinstance(e, KeyError):
+        return msg
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if "/transformers/" in f.filename.replace("\\", "/")]
+    if not frames:
+        return msg
+    f = frames[-1]
+    where = f.filename.replace("\\", "/").split("/transformers/", 1)[1]
+    try:
+        cls = hf.model_class(model_type, head).__name__
+    except Exception:  # noqa: BLE001
+        cls = model_type
+    return (f"transformers cannot build {cls} from its own default config ({model_type}): {msg} "
+            f"(transformers/{where}:{f.lineno})")[:jobs.MAX_ERROR]
+
+
+def _plan_for_real(name: str, head: str | None, model, row: dict, stage: Callable[..., None]) -> None:
+    """The meta forward failed (a forward that reads values: ``.tolist()``, ``nonzero``, a CPU
+    tensor made inside forward). Plan from one real CPU forward instead, and say so in the row
+    (``plan_from``, ``meta_error``):
+
+    - ``"real"``: the default config built for real (up to ``PLAN_FOR_REAL_MAX`` parameters): the
+      same parameters, so the plan is applied to the full-size model on meta;
+    - ``"small"``: else the shrunk config (``hf.build(size="small")``, the level that builds and
+      runs): the plan and the rewrite are the small model's (``small_params``, ``shrink_level``;
+      ``params_by_role`` / ``tensors_by_role`` count the small model), ``total_params`` stays the
+      full-size count from meta.
+
+    Where neither runs, the row keeps ``fail_plan`` with every error."""
+    from . import jobs
+
+    total = row["total_params"]
+    meta_error = row["error"]
+    row["meta_error"] = meta_error
+    errors = [f"meta: {meta_error}"]
+    if total <= PLAN_FOR_REAL_MAX:
+        try:
+            torch.manual_seed(0)
+            real, _ = hf.build(name, "default", head=head)
+            plan_from = (real, hf.example_inputs(real))
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"real default build: {jobs._err(e)}")
+        else:
+            row["error"], row["inputs"] = "", _shapes(plan_from[1])
+            row["status"] = jobs.structural(model, row, stage, plan_from=plan_from)
+            row["total_params"] = total
+            if row["status"] == "pass":
+                row["plan_from"] = "real"
+                return
+            errors.append(f"real default forward: {row['error']}")
+    try:
+        torch.manual_seed(0)
+        small, info = hf.build(name, "small", head=head)
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"small build: {jobs._err(e)}")
+    else:
+        small_inputs = hf.example_inputs(small)
+        row["error"], row["inputs"] = "", _shapes(small_inputs)
+        row["status"] = jobs.structural(small, row, stage, plan_from=(small, small_inputs))
+        row["small_params"], row["shrink_level"] = row["total_params"], info["level"]
+        row["total_params"] = total
+        if row["status"] == "pass":
+            row["plan_from"] = "small"
+            return
+        errors.append(f"small forward: {row['error']}")
+    row["status"] = "fail_plan"
+    row["error"] = "; ".join(errors)[:600]
+
+
 def structural_job(name: str, stage: Callable[..., None] | None = None) -> dict:
     """The default config on meta with meta example inputs: plan (record trace) and rewrite there.
     A plan that no frontend traced and that leaves parameters without a rule is ``fail_trace``."""
@@ -129,34 +206,34 @@ def structural_job(name: str, stage: Callable[..., None] | None = None) -> dict:
         row["model_class"], row["family"] = type(model).__name__, task_of(name, model.config, type(model))
     except Exception as e:  # noqa: BLE001
         row["family"] = "unknown"
-        row["status"], row["error"] = ("oom" if jobs.is_oom(e) else "fail_create"), jobs._err(e)
+        row["status"], row["error"] = ("oom" if jobs.is_oom(e) else "fail_create"), build_error(name, head, e)
         return jobs._finish(row, t0, src)
     row["times"]["create"] = round(time.perf_counter() - t0, 4)
     row["total_params"] = sum(p.numel() for p in model.parameters())
     stage("counted", total_params=row["total_params"])
     try:
-        inputs = hf.example_inputs(model)
+        layouts = hf.input_layouts(model)  # the first; the others only where it does not fit (below)
+        inputs = layouts[0]
         row["inputs"] = _shapes(inputs)
-    except Exception as e:  # noqa: BLE001
-        row["status"], row["error"] = "fail_create", "example inputs: " + jobs._err(e)
+    except Exception as e:  # noqa: BLE001 - the model builds: a failure to plan it, not to create it
+        row["status"], row["error"] = "fail_plan", "example inputs: " + jobs._err(e)
         return jobs._finish(row, t0, src)
     with hf.meta_values():  # masks and counts read on meta answer "all ones"
         row["status"] = jobs.structural(model, row, stage, plan_from=(model, inputs))
-    if row["status"] == "fail_plan" and row["total_params"] <= PLAN_FOR_REAL_MAX:
-        # a forward that reads values (.item(), boolean masks) cannot run on meta: a model this
-        # small is planned from one real forward at its default size, and the plan applied on meta
-        meta_error = row["error"]
-        try:
-            torch.manual_seed(0)
-            real, _ = hf.build(name, "default", head=head)
-            plan_from = (real, hf.example_inputs(real))
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{meta_error} (and building it for real: {jobs._err(e)})"[:400]
-            return jobs._finish(row, t0, src)
-        row["error"] = ""
-        row["status"] = jobs.structural(model, row, stage, plan_from=plan_from)
-        row["note"] = f"meta forward failed ({meta_error[:120]}); planned from one real forward, rewritten on meta"
-    if row["status"] == "pass" and row["tracer"] == "modules":
+        if row["status"] == "fail_plan":
+            first_error = row["error"]
+            for alt in layouts[1:]:
+                row["error"] = ""
+                row["status"] = jobs.structural(model, row, stage, plan_from=(model, alt))
+                if row["status"] == "pass":
+                    inputs, row["inputs"] = alt, _shapes(alt)
+                    break
+            else:
+                row["error"] = first_error
+    row["plan_from"] = "meta"
+    if row["status"] == "fail_plan":
+        _plan_for_real(name, head, model, row, stage)
+    if row["status"] == "pass" and row["tracer"] == "modules" and row["plan_from"] == "meta":
         import nerofy
 
         with hf.meta_values():

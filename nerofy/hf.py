@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 __all__ = ["model_types", "model_class", "default_config", "shrink_config", "build", "example_inputs",
-           "SHRINK_RULES", "INPUT_RULES"]
+           "input_layouts", "meta_values", "SHRINK_RULES", "INPUT_RULES"]
 
 
 def _tf():
@@ -363,7 +363,7 @@ def _ordinary_ids(c: _Ctx, n: int, cfg=None) -> torch.Tensor:
 
 
 def _image_size(c: _Ctx) -> tuple[int, int, int]:
-    v = c.sub("vision", "backbone")
+    v = c.sub("vision", "image", "backbone")
     ch = int(c.first(v, "num_channels", "in_channels", "in_chans", "input_channels", default=3))
     s = c.first(v, "image_size", "img_size", "input_size", "crop_size", default=None)
     if s is None:
@@ -384,23 +384,61 @@ def _grid(c: _Ctx) -> tuple[int, int, int]:
     return 1, 2 * merge, 2 * merge
 
 
-def _patches(c: _Ctx):
-    """Qwen2-VL style: pixel_values are flattened patches, (images x t*h*w, C*T*P*P), with a grid."""
+def _patch_width(c: _Ctx) -> int:
+    """Values per flattened patch: channels x temporal patch (where the config has one) x patch^2."""
     v = c.sub("vision")
     ch = int(c.first(v, "in_channels", "num_channels", "in_chans", default=3))
-    p = int(c.first(v, "patch_size", default=14))
-    tp = int(c.first(v, "temporal_patch_size", default=2) or 1)
+    p = c.first(v, "patch_size", default=14)
+    p = int(p[0] if isinstance(p, (list, tuple)) else p)
+    tp = int(c.first(v, "temporal_patch_size", default=1) or 1)
+    return ch * tp * p * p
+
+
+def _patches(c: _Ctx):
+    """Qwen2-VL style: pixel_values are flattened patches, (images x t*h*w, C*T*P*P), with a grid."""
     t, h, w = _grid(c)
-    return c.randn(c.batch * t * h * w, ch * tp * p * p)
+    return c.randn(c.batch * t * h * w, _patch_width(c))
 
 
 def _grid_thw(c: _Ctx):
     return torch.tensor([list(_grid(c))] * c.batch)
 
 
+def _merge_sizes(c: _Ctx):
+    merge = int(c.first(c.sub("vision"), "spatial_merge_size", "merge_size", default=2) or 2)
+    return torch.full((c.batch,), merge, dtype=torch.long)
+
+
+# forwards that take images as a padded sequence of patches with their layout beside them
+# (NaFlex: spatial_shapes; 2-D patch coordinates: pixel_position_ids)
+_PATCH_SEQ = ("spatial_shapes", "pixel_position_ids")
+
+
+def _side(c: _Ctx) -> int:
+    """Patches per side of a synthetic image: twice the merge / pooling kernel, at least 4."""
+    k = int(c.first(c.sub("vision"), "spatial_merge_size", "merge_size", "pooling_kernel_size", default=1) or 1)
+    return 2 * max(k, 2)
+
+
+def _patch_seq(c: _Ctx):
+    return c.randn(c.batch, _side(c) ** 2, _patch_width(c))
+
+
+def _spatial_shapes(c: _Ctx):
+    return torch.tensor([[_side(c), _side(c)]] * c.batch)
+
+
+def _pixel_position_ids(c: _Ctx):
+    s = _side(c)
+    yy, xx = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    return torch.stack([xx.flatten(), yy.flatten()], -1).expand(c.batch, -1, -1).clone()
+
+
 def _pixel_values(c: _Ctx):
     if any(k in c.params for k in ("image_grid_thw", "grid_thw")):
         return _patches(c)
+    if any(k in c.params for k in _PATCH_SEQ):
+        return _patch_seq(c)
     if c.first(c.sub("vision"), "num_frames", default=None) and "pixel_values_videos" not in c.params:
         return _videos(c)  # video models (timesformer, vivit, videomae) take clips as pixel_values
     ch, h, w = _image_size(c)
@@ -425,19 +463,15 @@ def _input_values(c: _Ctx):
     hop = math.prod(strides) if isinstance(strides, (list, tuple)) and strides else 320
     n = max(hop * 8, 1600)
     chans = c.first(a, "audio_channels", default=None)
-    if chans and int(chans) > 1 or "input_values" in c.params and _wants_channels(c.model):
-        return c.randn(c.batch, int(chans or 1), n)
-    return c.randn(c.batch, n)
-
-
-def _wants_channels(model) -> bool:
-    """Audio codecs (encodec, dac, mimi...) take (batch, channels, samples): their first conv is 1-D."""
-    return type(model).__name__.lower().startswith(("encodec", "dac", "mimi", "xcodec", "snac"))
+    if chans and int(chans) > 1:
+        return c.randn(c.batch, int(chans), n)
+    return c.randn(c.batch, n)  # codecs that want (batch, 1, samples) get it from _layouts
 
 
 def _input_features(c: _Ctx):
     a = _audio_cfg(c)
-    mel = c.first(a, "num_mel_bins", "feature_size", "input_feat_per_channel", "n_mels", "num_mel_filters",
+    mel = c.first(a, "num_mel_bins", "feature_size", "input_feat_size", "input_feat_per_channel", "n_mels",
+                  "num_mel_filters",
                   default=80)
     src = c.first(a, "max_source_positions", default=None)
     if src is not None and c.first(a, "num_mel_bins", default=None) is not None:
@@ -474,15 +508,24 @@ def _past_values(c: _Ctx):
 
 
 # name -> how to make it; "when": "always" (make it whenever forward has it), "required" (only if
-# forward requires it or it is the main input). Functions take (ctx) or, for masks, (ctx, made so far).
+# forward requires it or it is the main input), "with:a|b" (when a or b was made), "with-param:p"
+# (when required and forward also takes p), "encdec" (encoder-decoders), "mask" (after the rest).
+# Functions take (ctx) or, for masks, (ctx, made so far).
 INPUT_RULES: dict[str, tuple[str, Callable]] = {
     "input_ids": ("always", lambda c: _ordinary_ids(c, c.seq)),
     "pixel_values": ("always", _pixel_values),
     "pixel_values_videos": ("required", _videos),
+    # a vision tower that takes its flattened patches as hidden_states beside their grid (Qwen2-VL's)
+    "hidden_states": ("with-param:grid_thw", _patches),
     "image_grid_thw": ("with:pixel_values", lambda c: _grid_thw(c)),
-    "grid_thw": ("with:pixel_values", lambda c: _grid_thw(c)),
+    "grid_thw": ("with:pixel_values|hidden_states", lambda c: _grid_thw(c)),
+    "merge_sizes": ("with:grid_thw", _merge_sizes),
+    "spatial_shapes": ("with:pixel_values", _spatial_shapes),
+    "pixel_position_ids": ("with:pixel_values", _pixel_position_ids),
+    "pixel_attention_mask": ("with:spatial_shapes", lambda c: torch.ones(c.batch, _side(c) ** 2, dtype=torch.long)),
     "input_values": ("always", _input_values),
     "input_features": ("always", _input_features),
+    "audio_mel": ("always", _input_features),  # a mel spectrogram under its own name (Gemma3n's)
     "bbox": ("always", _bbox),
     "decoder_input_ids": ("encdec", _decoder_ids),
     "past_values": ("always", _past_values),
@@ -503,7 +546,7 @@ def _is_encdec(model, params) -> bool:
 
 
 def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: int = 0,
-                   device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+                   device: str | torch.device | None = None, probe: bool = True) -> dict[str, torch.Tensor]:
     """Keyword inputs for one forward of a transformers ``PreTrainedModel``: ``model(**inputs)``.
 
     From ``forward``'s signature, ``main_input_name`` and the config: token ids (clear of special
@@ -511,7 +554,23 @@ def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: i
     ``input_values`` / ``input_features`` from the audio config, video frames, bounding boxes,
     decoder ids for encoder-decoders, and both towers of a multimodal model (with the image
     placeholder tokens its vision tower's features fill). Tensors go to ``device`` (default: the
-    model's own, ``meta`` included)."""
+    model's own, ``meta`` included). ``probe``: where the layout is not fixed by the config (audio
+    as (batch, samples) or (batch, 1, samples), features frames- or bins-first, one image or
+    several per sample: :func:`input_layouts`), the first layout that one forward of the model
+    runs on (no_grad; on meta, under :func:`meta_values`); the first layout where none does."""
+    layouts = input_layouts(model, batch, seq_len, seed, device)
+    if probe and len(layouts) > 1:
+        for got in layouts:
+            if _runs(model, got):
+                return got
+    return layouts[0]
+
+
+def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: int = 0,
+                  device: str | torch.device | None = None) -> list[dict[str, torch.Tensor]]:
+    """The example inputs (:func:`example_inputs`) in each layout the config leaves open, the most
+    likely first: a caller that runs the model anyway (a planner) can take the first and try the
+    others only where it does not fit."""
     tf = _tf()
     if not isinstance(model, tf.PreTrainedModel):
         raise TypeError(f"example_inputs wants a transformers PreTrainedModel, got {type(model).__name__}; "
@@ -528,9 +587,12 @@ def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: i
     for name, (when, make) in INPUT_RULES.items():
         if name not in params or when == "mask":
             continue
-        if when == "always" or name in mains or name in required or (when == "encdec" and _is_encdec(model, params)):
+        if when.startswith("with-param:"):
+            if when[11:] in params and (name in required or name in mains):
+                got[name] = make(c)
+        elif when == "always" or name in mains or name in required or (when == "encdec" and _is_encdec(model, params)):
             got[name] = make(c)
-        elif when.startswith("with:") and when[5:] in got:
+        elif when.startswith("with:") and any(k in got for k in when[5:].split("|")):
             got[name] = make(c)
     # on meta, all-ones masks are left out: they mean what no mask means, and mask code reads values (.item())
     for name, (when, make) in INPUT_RULES.items() if c.device.type != "meta" else ():
@@ -542,14 +604,79 @@ def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: i
             if name == "attention_mask" and "input_ids" not in got:
                 continue
             got[name] = make(c, got)
-    missing = [n for n in required if n not in got and n not in mains]
-    missing += [n for n in mains if n not in got and n in params]
+    layouts = _audio_layouts(c, got)  # the first: as made, with its frame mask where forward takes one
+    missing = [n for n in required if n not in layouts[0] and n not in mains]
+    missing += [n for n in mains if n not in layouts[0] and n in params]
     if missing:
         raise ValueError(f"nerofy.example_inputs cannot make {', '.join(sorted(set(missing)))} for "
                          f"{type(model).__name__}.forward; pass example inputs of your own")
-    got = {k: v.to(c.device) for k, v in got.items()}
-    _fill_placeholders(c, got)
-    return got
+    out = []
+    for got in layouts:
+        got = {k: v.to(c.device) for k, v in got.items()}
+        _fill_placeholders(c, got)  # per layout: how many features a tower makes depends on it
+        out.append(got)
+    return out
+
+
+# Audio inputs come in more layouts than the config says: (batch, samples) or (batch, channels,
+# samples); features (batch, frames, bins), (batch, bins, frames) or (batch, 1, frames, bins),
+# with bins the config's mel bins or the width its feature projection takes (stacked frames).
+# Where the forward takes a mask of frames, it gets all ones.
+_FRAME_MASKS = ("input_features_mask", "feature_attention_mask", "audio_mel_mask")
+_AUDIO_KEYS = ("input_values", "input_features", "audio_mel")
+
+
+def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
+    """Images as (batch, C, H, W) or, for models that take several images per sample, (batch, 1, C, H, W)."""
+    x = got.get("pixel_values")
+    if x is None or x.dim() != 4:
+        return [got]
+    return [got, {**got, "pixel_values": x[:, None]}]
+
+
+def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
+    """The inputs with each alternative audio layout, the synthesised one first."""
+    a = _audio_cfg(c)
+    key = next((k for k in _AUDIO_KEYS if k in got), None)
+    if key is None:
+        return _image_layouts(c, got)
+    x = got[key]
+    b = x.shape[0]
+    alts: list[tuple[torch.Tensor, int]] = []  # (tensor, its frame axis or -1 for raw samples)
+    if x.dim() == 2:  # raw samples
+        alts += [(x, -1), (x[:, None], -1)]
+        mel = c.first(a, "num_mel_bins", default=None)
+        if mel:  # a spectrogram under the name input_values (AST): frames = the config's max_length
+            frames = int(c.first(a, "max_length", default=None) or 2 * c.seq)
+            alts.append((c.randn(b, frames, int(mel)).to(x.device), 1))
+    elif x.dim() == 3:
+        t_axis = 2 if c.first(a, "max_source_positions", default=None) is not None and \
+            c.first(a, "num_mel_bins", default=None) is not None else 1
+        alts += [(x, t_axis), (x.transpose(1, 2).contiguous(), 3 - t_axis), (x.transpose(1, 2)[:, None]
+                 .contiguous() if t_axis == 2 else x[:, None], 2)]
+        proj = c.first(a, "feature_projection_input_dim", default=None)
+        if proj and t_axis == 1 and int(proj) != x.shape[2]:
+            alts.insert(1, (c.randn(b, x.shape[1], int(proj)).to(x.device), 1))
+    else:
+        return [got]
+    out = []
+    for t, axis in alts:
+        g = {**got, key: t}
+        for m in _FRAME_MASKS:
+            if m in c.params and axis >= 0:
+                g[m] = torch.ones(b, t.shape[axis], dtype=torch.long, device=t.device)
+        out += _image_layouts(c, g)
+    return out
+
+
+def _runs(model: nn.Module, inputs: dict) -> bool:
+    meta = any(v.device.type == "meta" for v in inputs.values() if isinstance(v, torch.Tensor))
+    try:
+        with torch.no_grad(), (meta_values() if meta else contextlib.nullcontext()):
+            model(**inputs)
+        return True
+    except Exception:  # noqa: BLE001 - the next layout, or the first one's error at the caller
+        return False
 
 
 _PLACEHOLDERS = (("image", "pixel_values", "get_image_features"),

@@ -218,3 +218,79 @@ def test_old_spec_passes_the_full_check_through_the_generic_path(t):
     row = S.check_job("transformers", t, steps=2)
     assert row["status"] == "pass", (t, row["status"], row["error"])
     assert row["axes"]["fail"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs from the forward's own layout parameters (issue 15's failure groups)
+# ---------------------------------------------------------------------------------------------
+def test_patch_inputs_follow_the_grid_and_the_patch_layout(small):
+    """A vision tower that takes flattened patches beside their grid (``grid_thw``) gets them as
+    ``hidden_states`` when that is what its forward calls them; the patch width is channels x
+    temporal patch x patch^2, the temporal factor only where the config has one; NaFlex towers
+    (``spatial_shapes``) get a padded patch sequence with its shapes and mask."""
+    m, _ = small("qwen2_5_vl_vision")
+    x = nerofy.example_inputs(m)
+    v = m.config
+    assert set(x) == {"hidden_states", "grid_thw"}
+    assert x["hidden_states"].shape == (int(x["grid_thw"].prod(-1).sum()),
+                                        v.in_channels * v.temporal_patch_size * v.patch_size ** 2)
+    with torch.no_grad():
+        m(**x)
+    m, _ = small("siglip2_vision_model")
+    x = nerofy.example_inputs(m)
+    n = int(x["spatial_shapes"][0].prod())
+    assert x["pixel_values"].shape == (2, n, m.config.num_channels * m.config.patch_size ** 2)
+    assert x["pixel_attention_mask"].shape == (2, n)
+    with torch.no_grad():
+        m(**x)
+    with torch.device("meta"):
+        cfg = hf.default_config("cosmos3_edge_vision")
+        tower = hf.model_class("cosmos3_edge_vision")(cfg)
+    assert not hasattr(cfg, "temporal_patch_size")
+    assert nerofy.example_inputs(tower)["pixel_values"].shape[-1] == cfg.num_channels * cfg.patch_size ** 2
+
+
+def test_audio_inputs_take_the_layout_the_forward_runs_on(small):
+    """Raw audio as (batch, samples) or (batch, 1, samples), a spectrogram under input_values at
+    the config's max_length x num_mel_bins, features bins-first where the encoder is Whisper's,
+    and the frame mask its forward takes: the first layout one forward runs on, from no names."""
+    m, _ = small("pe_audio_encoder")
+    x = nerofy.example_inputs(m)
+    assert x["input_values"].dim() == 3 and x["input_values"].shape[1] == 1
+    assert nerofy.example_inputs(m, probe=False)["input_values"].dim() == 2  # what the config alone says
+    m, _ = small("audio-spectrogram-transformer")
+    x = nerofy.example_inputs(m)
+    assert x["input_values"].shape == (2, m.config.max_length, m.config.num_mel_bins)
+    m, _ = small("audioflamingo3_encoder")
+    x = nerofy.example_inputs(m)
+    assert x["input_features"].shape[1] == m.config.num_mel_bins
+    assert x["input_features_mask"].shape == (2, x["input_features"].shape[2])
+    for m in (small(t)[0] for t in ("pe_audio_encoder", "audio-spectrogram-transformer", "audioflamingo3_encoder")):
+        with torch.no_grad():
+            m(**nerofy.example_inputs(m))
+
+
+def test_structural_row_plans_for_real_where_the_meta_forward_reads_values():
+    """A vision tower whose forward turns its grid into Python ints (``.tolist()``) cannot run on
+    meta: the row is planned from the shrunk model built for real and says so (``plan_from``,
+    ``meta_error``, ``small_params``), with the full-size parameter count from meta."""
+    from cli.hf_source import structural_job
+
+    row = structural_job("qwen2_5_vl_vision")
+    assert row["status"] == "pass", row["error"]
+    assert row["plan_from"] == "small" and row["meta_error"]
+    with torch.device("meta"):
+        full = hf.model_class("qwen2_5_vl_vision")(hf.default_config("qwen2_5_vl_vision"))
+    assert row["total_params"] == sum(p.numel() for p in full.parameters()) > 100 * row["small_params"]
+    assert sum(row["params_by_role"].values()) == row["small_params"]
+
+
+def test_types_transformers_cannot_build_get_its_reason_with_the_line():
+    from cli.hf_source import structural_job
+
+    row = structural_job("lfm2_moe")  # its default config has layer_types=None, which its model indexes
+    assert row["status"] == "fail_create"
+    assert row["error"].startswith("transformers cannot build Lfm2MoeForCausalLM from its own default config")
+    assert "modeling_lfm2_moe.py:" in row["error"]
+    row = structural_job("slanet")  # a config with no model class: nerofy's reason, as it was
+    assert row["status"] == "fail_create" and "config-only type" in row["error"]
