@@ -112,6 +112,7 @@ class Rule:
     cap: Any
     level: int = 1
     whole: bool = False  # cap takes the whole list
+    alt: Any = None  # the cap to try where the config class rejects ``cap`` (its validators tie keys)
 
 
 
@@ -134,8 +135,9 @@ SHRINK_RULES: tuple[Rule, ...] = (
     Rule(r"hidden_size|d_model|n_embd|embed_dim|dim|word_embed_proj_dim|embedding_size|projection_dim|proj_dim"
          r"|text_embed_dim|vision_embed_dim|d_latents|.+_hidden_size", 32),
     # key/value heads before the head counts (num_.+_heads would match them): 2 heads, 1 kv head (GQA)
-    Rule(r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads", 1),
-    Rule(r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads", 2),
+    Rule(r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads", 1, alt=2),  # alt: as many as heads
+    Rule(r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads"
+         r"|.+_n_heads", 2),
     Rule(r"head_dim|d_kv|attention_head_size|d_head|qk_rope_head_dim|qk_nope_head_dim|v_head_dim|kv_lora_rank"
          r"|q_lora_rank", 16),
     Rule(r"intermediate_size|ffn_dim|d_ff|d_inner|dff|n_inner|hidden_dim|.+_ffn_dim|.+_intermediate_size", 64),
@@ -168,13 +170,14 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _new_value(key: str, v, level: int):
+def _new_value(key: str, v, level: int, alt: bool = False):
     """``v`` after the first rule that matches ``key`` at this level and fits the value's kind."""
     for rule in SHRINK_RULES:
         if rule.level > level or not re.fullmatch(rule.pattern, key):
             continue
         if _is_int(v) and not callable(rule.cap):
-            return min(v, rule.cap) if v > 0 else v
+            cap = rule.alt if alt and rule.alt is not None else rule.cap
+            return min(v, cap) if v > 0 else v
         if rule.whole and isinstance(v, (list, tuple)) and v and all(_is_int(x) for x in v):
             return type(v)(rule.cap(list(v)))
         if isinstance(v, (list, tuple)) and v and all(_is_int(x) for x in v) and (callable(rule.cap) or level >= 2):
@@ -186,7 +189,7 @@ def _new_value(key: str, v, level: int):
 _DEPTH = SHRINK_RULES[0].pattern
 
 
-def _shrink_dict(d: dict, level: int, max_token: int) -> dict:
+def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False) -> dict:
     out = {}
     depth: dict[int, int] = {}
     # a count of stages (swin's num_layers = len(depths)) is not a depth: it stays
@@ -195,21 +198,60 @@ def _shrink_dict(d: dict, level: int, max_token: int) -> dict:
         if not isinstance(k, str) or k in ("id2label", "label2id"):
             out[k] = v
         elif isinstance(v, dict):
-            out[k] = _shrink_dict(v, level, max_token)
+            out[k] = _shrink_dict(v, level, max_token, alt)
         elif k == "vocab_size" and _is_int(v):
             # special ids (image tokens at 151655...) must index the table: some default configs
             # put them one past it (llava: 32000 of 32000), which only a checkpoint's resize fixes
             out[k] = max(min(v, 256) if level >= 1 else v, max_token + 1)
         else:
-            out[k] = v if (_is_int(v) and v in stages and re.fullmatch(_DEPTH, k)) else _new_value(k, v, level)
+            out[k] = v if (_is_int(v) and v in stages and re.fullmatch(_DEPTH, k)) else _new_value(k, v, level, alt)
             if _is_int(v) and out[k] != v and re.fullmatch(_DEPTH, k):
                 depth[v] = out[k]
-    # lists with one entry per layer (layer_types, per-layer windows) follow the new depth
+    # lists with one entry per layer (layer_types, per-layer windows) follow the new depth, and so do
+    # dicts keyed by layer index (per_layer_config: {5: {...}, 11: {...}})
     for old, new in depth.items():
         for k, v in out.items():
             if isinstance(v, list) and len(v) == old and k != "depths":
                 out[k] = v[:new]
+            elif isinstance(v, dict) and v and all(_layer_index(i) is not None for i in v) \
+                    and max(_layer_index(i) for i in v) < old:
+                out[k] = {i: x for i, x in v.items() if _layer_index(i) < new}
+    if level >= 1:
+        _fit_mrope_dict(out)
     return out
+
+
+def _layer_index(k) -> int | None:
+    if _is_int(k):
+        return k
+    return int(k) if isinstance(k, str) and k.isdigit() else None
+
+
+def _mrope_target(head_dim: int, partial: float) -> int:
+    return int(head_dim * partial) // 2
+
+
+def _fit_sections(sec: list, target: int) -> list:
+    total = sum(sec)
+    new = [max(1, target * x // total) for x in sec]
+    new[-1] += target - sum(new)
+    return new
+
+
+def _fit_mrope_dict(d: dict) -> None:
+    """Multimodal RoPE sections (t, h, w) in a config's rope_parameters must sum to half the
+    rotary width (head_dim x partial_rotary_factor): refit them to the shrunk head_dim."""
+    rope = d.get("rope_parameters")
+    if not isinstance(rope, dict) or not isinstance(rope.get("mrope_section"), list) or not rope["mrope_section"]:
+        return
+    heads = d.get("num_attention_heads")
+    hd = d.get("head_dim") or (d["hidden_size"] // heads if d.get("hidden_size") and heads else None)
+    if not _is_int(hd):
+        return
+    partial = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0
+    target = _mrope_target(hd, partial)
+    if target >= len(rope["mrope_section"]) and sum(rope["mrope_section"]) != target:
+        rope["mrope_section"] = _fit_sections(rope["mrope_section"], target)
 
 
 def shrink_config(config, level: int = 2):
@@ -221,10 +263,64 @@ def shrink_config(config, level: int = 2):
     small = _shrink_dict(d, level, max_token)
     for k in ("transformers_version", "_name_or_path", "architectures"):
         small.pop(k, None)
-    out = type(config).from_dict(small)
+        d.pop(k, None)
+    try:
+        out = type(config).from_dict(small)
+    except Exception as e:  # noqa: BLE001 - a config class's own validation (heads must divide ...)
+        small = _shrink_dict(d, level, max_token, alt=True)  # the rules' second choices (Rule.alt)
+        for k in ("transformers_version", "_name_or_path", "architectures"):
+            small.pop(k, None)
+        try:
+            out = type(config).from_dict(small)
+        except Exception:  # noqa: BLE001
+            out = _valid_subset(type(config), d, small, e)
     if level >= 1:
         _fit_mrope(out)
     return out
+
+
+def _changes(old, new, path=()) -> list[tuple]:
+    """(path, new value) of every leaf where ``new`` differs from ``old``."""
+    if isinstance(old, dict) and isinstance(new, dict) and set(old) == set(new):
+        return [c for k in old for c in _changes(old[k], new[k], path + (k,))]
+    return [] if old == new else [(path, new)]
+
+
+def _with(d: dict, changes) -> dict:
+    import copy
+
+    out = copy.deepcopy(d)
+    for path, v in changes:
+        node = out
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = copy.deepcopy(v)
+    return out
+
+
+def _valid_subset(cls, d: dict, small: dict, error: Exception):
+    """The config class rejects the shrunk values together (its validators tie keys to each other:
+    heads dividing widths, a codebook equal to a width): keep as many of the changes as it
+    accepts, dropping one change where that is enough, else adding them one by one (two passes)."""
+    def ok(changes):
+        try:
+            return cls.from_dict(_with(d, changes))
+        except Exception:  # noqa: BLE001
+            return None
+
+    changes = _changes(d, small)
+    for i in range(len(changes)):
+        if (cfg := ok(changes[:i] + changes[i + 1:])) is not None:
+            return cfg
+    kept: list = []
+    for _ in range(2):
+        for ch in changes:
+            if ch not in kept and ok(kept + [ch]) is not None:
+                kept.append(ch)
+    cfg = ok(kept)
+    if cfg is None:
+        raise error
+    return cfg
 
 
 def _sub_configs(config):
@@ -242,17 +338,18 @@ def _fit_mrope(config) -> None:
     for c in _sub_configs(config):
         if "mrope_section" not in (getattr(type(c), "ignore_keys_at_rope_validation", None) or ()):
             continue
-        rope = getattr(c, "rope_parameters", None)
-        heads = getattr(c, "num_attention_heads", None)
-        hd = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else None)
+        try:  # per-layer configs refuse a global read of per-layer keys
+            rope = getattr(c, "rope_parameters", None)
+            heads = getattr(c, "num_attention_heads", None)
+            hd = getattr(c, "head_dim", None) or (c.hidden_size // heads if heads else None)
+        except Exception:  # noqa: BLE001
+            continue
         if not isinstance(rope, dict) or not hd:
             continue
         sec = rope.get("mrope_section") or [16, 24, 24]
-        if sum(sec) != hd // 2:
-            total = sum(sec)
-            new = [max(1, (hd // 2) * x // total) for x in sec]
-            new[-1] += hd // 2 - sum(new)
-            rope["mrope_section"] = new
+        target = _mrope_target(hd, rope.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)) or 1.0)
+        if sum(sec) != target:
+            rope["mrope_section"] = _fit_sections(sec, target)
 
 
 def _count_meta(cls, config) -> int:
@@ -521,6 +618,8 @@ INPUT_RULES: dict[str, tuple[str, Callable]] = {
     "grid_thw": ("with:pixel_values|hidden_states", lambda c: _grid_thw(c)),
     "merge_sizes": ("with:grid_thw", _merge_sizes),
     "spatial_shapes": ("with:pixel_values", _spatial_shapes),
+    # each image's own (height, width) before any tiling (LLaVA-NeXT's, Pixtral's)
+    "image_sizes": ("with:pixel_values", lambda c: torch.tensor([list(_image_size(c)[1:])] * c.batch)),
     "pixel_position_ids": ("with:pixel_values", _pixel_position_ids),
     "pixel_attention_mask": ("with:spatial_shapes", lambda c: torch.ones(c.batch, _side(c) ** 2, dtype=torch.long)),
     "input_values": ("always", _input_values),
@@ -533,6 +632,65 @@ INPUT_RULES: dict[str, tuple[str, Callable]] = {
     "decoder_attention_mask": ("mask", _ones_like("decoder_input_ids")),
     "past_observed_mask": ("mask", lambda c, got: torch.ones_like(got["past_values"])),
 }
+
+
+# what the dimension names of forward's docstrings ("of shape `(batch_size, sequence_length)`") mean
+_BATCH_DIMS = {"batch_size", "batch", "num_images", "num_audios", "num_images_or_videos"}
+_SEQ_DIMS = {"sequence_length", "seq_len", "seq_length", "num_tokens", "target_sequence_length", "frames",
+             "num_frames", "max_num_frames", "time", "length"}
+_DOC_ARG = re.compile(r"^\s*(\w+) \(`([^`]*)`[^\n]*?of shape `?\(([^`)]*)\)`?", re.M)
+
+
+def _doc_args(model: nn.Module) -> dict[str, tuple[str, str]]:
+    """forward's documented arguments: name -> (type, shape text)."""
+    return {m.group(1): (m.group(2), m.group(3)) for m in _DOC_ARG.finditer(type(model).forward.__doc__ or "")}
+
+
+def _width(c: _Ctx) -> int | None:
+    for cfg in (c.config, c.text()):
+        v = c.first(cfg, "hidden_size", "d_model", "n_embd", "embed_dim", default=None)
+        if _is_int(v):
+            return v
+    return None
+
+
+def _dim(c: _Ctx, name: str) -> int | None:
+    name = name.strip()
+    if name.isdigit():
+        return int(name)
+    if name in _BATCH_DIMS:
+        return c.batch
+    if name in _SEQ_DIMS:
+        return c.seq
+    if name == "hidden_size":
+        return _width(c)
+    for cfg in _sub_configs(c.config):
+        v = getattr(cfg, name, None)
+        if _is_int(v) and v > 0:
+            return v
+    return None
+
+
+def _from_doc(c: _Ctx, name: str) -> torch.Tensor | None:
+    """A required input no rule makes: the shape its docstring gives, each dimension a batch, a
+    sequence, the width or a config key; ``*_ids`` are token ids, ``*_embeds`` and hidden states
+    (batch, seq, width) where the docstring says nothing. None where a dimension has no meaning."""
+    typ, shape = _doc_args(c.model).get(name, ("", ""))
+    dims = [d for d in shape.split(",") if d.strip()] if shape else []
+    if dims:
+        sizes = [_dim(c, d) for d in dims]
+        if all(sizes):
+            if "Long" in typ or "Int" in typ or name.endswith(("_ids", "_idx", "_index")):
+                return c.randint(0, min(sizes[-1] if len(sizes) > 1 else 2, _vocab(c)), *sizes) \
+                    if not name.endswith("mask") else torch.ones(*sizes, dtype=torch.long)
+            if "Bool" in typ or name.endswith("mask"):
+                return torch.ones(*sizes, dtype=torch.bool if "Bool" in typ else torch.long)
+            return c.randn(*sizes)
+    if name.endswith("input_ids"):
+        return _ordinary_ids(c, c.seq)
+    if name.endswith("_embeds") and (w := _width(c)):
+        return c.randn(c.batch, c.seq, w)
+    return None
 
 
 def _forward_params(model: nn.Module) -> dict[str, inspect.Parameter]:
@@ -604,6 +762,9 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
             if name == "attention_mask" and "input_ids" not in got:
                 continue
             got[name] = make(c, got)
+    for name in [n for n in params if (n in required or n in mains) and n not in got]:
+        if (x := _from_doc(c, name)) is not None:
+            got[name] = x
     layouts = _audio_layouts(c, got)  # the first: as made, with its frame mask where forward takes one
     missing = [n for n in required if n not in layouts[0] and n not in mains]
     missing += [n for n in mains if n not in layouts[0] and n in params]
@@ -626,12 +787,25 @@ _FRAME_MASKS = ("input_features_mask", "feature_attention_mask", "audio_mel_mask
 _AUDIO_KEYS = ("input_values", "input_features", "audio_mel")
 
 
+# image sides to try where the config's (or the default 64) does not fit: detectors pick their
+# top-k queries among the encoder's tokens, so small images have too few
+IMAGE_SIDES = (224, 640)
+
+
 def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
-    """Images as (batch, C, H, W) or, for models that take several images per sample, (batch, 1, C, H, W)."""
+    """Images as (batch, C, H, W) or, for models that take several images per sample, (batch, 1,
+    C, H, W); then larger square sides (``IMAGE_SIDES``) where the image is smaller."""
     x = got.get("pixel_values")
     if x is None or x.dim() != 4:
         return [got]
-    return [got, {**got, "pixel_values": x[:, None]}]
+    out = [got, {**got, "pixel_values": x[:, None]}]
+    for side in IMAGE_SIDES:
+        if side > max(x.shape[-2:]):
+            g = {**got, "pixel_values": c.randn(x.shape[0], x.shape[1], side, side)}
+            if "image_sizes" in got:
+                g["image_sizes"] = torch.tensor([[side, side]] * x.shape[0])
+            out.append(g)
+    return out
 
 
 def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:

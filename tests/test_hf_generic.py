@@ -294,3 +294,48 @@ def test_types_transformers_cannot_build_get_its_reason_with_the_line():
     assert "modeling_lfm2_moe.py:" in row["error"]
     row = structural_job("slanet")  # a config with no model class: nerofy's reason, as it was
     assert row["status"] == "fail_create" and "config-only type" in row["error"]
+
+
+def test_shrink_keeps_what_the_config_class_validates():
+    """Config classes tie keys together: per-layer dicts keyed by layer index follow the new depth;
+    multimodal RoPE sections are refitted to the shrunk head_dim (x partial_rotary_factor); where
+    the class rejects the shrunk values (kv heads must equal heads), the rules' second choices
+    (``Rule.alt``), else as many changes as it accepts."""
+    small = hf.shrink_config(hf.default_config("gemma4"), 2)
+    text = small.text_config.to_dict()
+    assert text["num_hidden_layers"] == 2 and all(int(k) < 2 for k in text.get("per_layer_config") or {})
+    assert hf.default_config("gemma4").text_config.to_dict()["per_layer_config"]  # it had some
+    small = hf.shrink_config(hf.default_config("cosmos3_edge"), 2)
+    t = small.text_config
+    hd = t.head_dim or t.hidden_size // t.num_attention_heads
+    assert sum(t.rope_parameters["mrope_section"]) == hd // 2
+    cfg = hf.default_config("glm5_next_text")
+    small = hf.shrink_config(cfg, 2)
+    assert small.hidden_size < cfg.hidden_size and small.num_key_value_heads == small.num_attention_heads
+
+
+def test_image_layouts_offer_several_images_per_sample_their_sizes_and_larger_sides():
+    """One image or several per sample (idefics2 stacks them: (batch, images, C, H, W)); the
+    images' own sizes where forward takes them (image_sizes); larger sides where a detector's
+    queries need more tokens than a small image has."""
+    with torch.device("meta"):
+        det = hf.model_class("rt_detr")(hf.default_config("rt_detr"))
+        vlm = hf.model_class("llava_next")(hf.default_config("llava_next"))
+    layouts = hf.input_layouts(det)
+    shapes = [tuple(x["pixel_values"].shape) for x in layouts]
+    assert shapes[0] == (2, 3, 64, 64) and (2, 1, 3, 64, 64) in shapes and (2, 3, 640, 640) in shapes
+    x = nerofy.example_inputs(vlm, probe=False, device="cpu")
+    assert x["image_sizes"].tolist() == [list(x["pixel_values"].shape[-2:])] * 2
+
+
+def test_required_inputs_no_rule_makes_come_from_the_forward_docstring():
+    """``latents`` of shape ``(batch_size, hidden_size, frames)`` (a codec's decoder): each named
+    dimension a batch, a sequence, the width or a config key; ``*_embeds`` (batch, seq, width)."""
+    with torch.device("meta"):
+        dec = hf.model_class("mimi_decoder")(hf.default_config("mimi_decoder"))
+        asr = hf.model_class("nemotron3_5_transcribe_word_timestamp")(
+            hf.default_config("nemotron3_5_transcribe_word_timestamp"))
+    x = nerofy.example_inputs(dec, probe=False)
+    assert tuple(x["latents"].shape) == (2, dec.config.hidden_size, hf.SEQ)
+    x = nerofy.example_inputs(asr, probe=False)
+    assert tuple(x["inputs_embeds"].shape) == (2, hf.SEQ, asr.config.hidden_size)
