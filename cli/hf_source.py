@@ -111,7 +111,9 @@ def _shapes(inputs: dict) -> dict:
 
 
 def _unplaced(plan) -> list[str]:
-    return [e.name for e in plan if e.role == "free" and e.frontend == ""]
+    """Parameters no frontend and no module rule placed. Planned again after the rewrite, a
+    parameter the first plan constrained sits under ``parametrizations.``: it was placed."""
+    return [e.name for e in plan if e.role == "free" and e.frontend == "" and ".parametrizations." not in e.name]
 
 
 def build_error(model_type: str, head: str | None, e: BaseException) -> str:
@@ -136,6 +138,25 @@ def build_error(model_type: str, head: str | None, e: BaseException) -> str:
         cls = model_type
     return (f"transformers cannot build {cls} from its own default config ({model_type}): {msg} "
             f"(transformers/{where}:{f.lineno})")[:jobs.MAX_ERROR]
+
+
+def _plan_without_forward(model, row: dict, stage: Callable[..., None]) -> dict:
+    """A model class with no forward of its own (a container of sub-models called one by one, a
+    VQ tokenizer used through encode/decode): nothing to trace, so the plan comes from module
+    rules alone (``plan_from`` says so); a parameter no rule places makes it ``fail_trace``."""
+    import nerofy
+
+    from . import jobs
+
+    row["plan_from"] = "modules (no forward)"
+    row["status"] = jobs.structural(model, row, stage)
+    if row["status"] == "pass":
+        left = _unplaced(nerofy.plan(model))
+        if left:
+            row["status"] = "fail_trace"
+            row["error"] = (f"{type(model).__name__} has no forward to trace, and {len(left)} parameters have no "
+                            f"module rule: {', '.join(left[:3])}")[:400]
+    return row
 
 
 def _plan_for_real(name: str, head: str | None, model, row: dict, stage: Callable[..., None]) -> None:
@@ -202,8 +223,10 @@ def structural_job(name: str, stage: Callable[..., None] | None = None) -> dict:
     row["source"] = "transformers"
     try:
         head = head_for(name)
-        model, _ = hf.build(name, "default", device="meta", head=head)
+        model, info = hf.build(name, "default", device="meta", head=head)
         row["model_class"], row["family"] = type(model).__name__, task_of(name, model.config, type(model))
+        if info["assigned"]:  # placeholder ids the default config declares but leaves unset
+            row["config_assigned"] = info["assigned"]
     except Exception as e:  # noqa: BLE001
         row["family"] = "unknown"
         row["status"], row["error"] = ("oom" if jobs.is_oom(e) else "fail_create"), build_error(name, head, e)
@@ -211,6 +234,8 @@ def structural_job(name: str, stage: Callable[..., None] | None = None) -> dict:
     row["times"]["create"] = round(time.perf_counter() - t0, 4)
     row["total_params"] = sum(p.numel() for p in model.parameters())
     stage("counted", total_params=row["total_params"])
+    if type(model).forward is torch.nn.Module.forward:
+        return jobs._finish(_plan_without_forward(model, row, stage), t0, src)
     try:
         layouts = hf.input_layouts(model)  # the first; the others only where it does not fit (below)
         inputs = layouts[0]

@@ -352,6 +352,34 @@ def _fit_mrope(config) -> None:
             rope["mrope_section"] = _fit_sections(sec, target)
 
 
+def assign_placeholder_ids(config) -> dict[str, int]:
+    """A multimodal config that declares a placeholder id (``image_token_id``, ``audio_token_id``,
+    ``video_token_id`` or ``*_token_index``) but leaves it unset gets one, as a processor would
+    when it adds the token: the highest id below min(vocab, 256) that no other special id takes
+    (so a shrunk vocabulary still holds it). Returns what it set ({} for most configs)."""
+    set_: dict[str, int] = {}
+    keys = [(k, a) for k in ("image", "video", "audio") for a in (f"{k}_token_id", f"{k}_token_index")]
+    unset = [a for k, a in keys if a in getattr(config, "__dict__", {}) or hasattr(type(config), a)]
+    unset = [a for a in unset if getattr(config, a, 0) is None]
+    if not unset:
+        return set_
+    try:
+        text = config.get_text_config()
+    except Exception:  # noqa: BLE001
+        text = config
+    vocab = getattr(text, "vocab_size", None) or getattr(config, "vocab_size", None) or 256
+    taken = set(_token_ids(config.to_dict()))
+    free = [i for i in range(min(int(vocab), 256) - 1, 3, -1) if i not in taken]
+    for kind in ("image", "video", "audio"):
+        attrs = [a for a in (f"{kind}_token_id", f"{kind}_token_index") if a in unset]
+        if attrs and free:
+            tok = free.pop(0)
+            for a in attrs:
+                setattr(config, a, tok)
+                set_[a] = tok
+    return set_
+
+
 def _count_meta(cls, config) -> int:
     with torch.device("meta"):
         m = cls(config)
@@ -369,9 +397,10 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
         raise ValueError(f"size must be 'small' or 'default', got {size!r}")
     cls = model_class(model_type, head)
     config = default_config(model_type)
+    assigned = assign_placeholder_ids(config)
     if size == "default":
         with torch.device(device or "cpu"):
-            return cls(config).eval(), {"level": None, "config": config, "class": cls.__name__}
+            return cls(config).eval(), {"level": None, "config": config, "class": cls.__name__, "assigned": assigned}
     tried: list[str] = []
     err: Exception | None = None
     for level in (2, 1, 0):
@@ -385,7 +414,8 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
             if probe:
                 with torch.no_grad():
                     model(**example_inputs(model))
-            return model, {"level": level, "config": small, "class": cls.__name__, "tried": tried}
+            return model, {"level": level, "config": small, "class": cls.__name__, "tried": tried,
+                           "assigned": assigned}
         except Exception as e:  # noqa: BLE001 - any failure means: shrink less
             err = e
             tried.append(f"level {level}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
@@ -618,8 +648,6 @@ INPUT_RULES: dict[str, tuple[str, Callable]] = {
     "grid_thw": ("with:pixel_values|hidden_states", lambda c: _grid_thw(c)),
     "merge_sizes": ("with:grid_thw", _merge_sizes),
     "spatial_shapes": ("with:pixel_values", _spatial_shapes),
-    # each image's own (height, width) before any tiling (LLaVA-NeXT's, Pixtral's)
-    "image_sizes": ("with:pixel_values", lambda c: torch.tensor([list(_image_size(c)[1:])] * c.batch)),
     "pixel_position_ids": ("with:pixel_values", _pixel_position_ids),
     "pixel_attention_mask": ("with:spatial_shapes", lambda c: torch.ones(c.batch, _side(c) ** 2, dtype=torch.long)),
     "input_values": ("always", _input_values),
@@ -799,12 +827,15 @@ def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
     if x is None or x.dim() != 4:
         return [got]
     out = [got, {**got, "pixel_values": x[:, None]}]
+    sized = "image_sizes" in c.params and "image_sizes" not in got  # each image's own (H, W) before tiling
+    if sized:
+        out.append({**got, "image_sizes": torch.tensor([list(x.shape[-2:])] * x.shape[0])})
     for side in IMAGE_SIDES:
         if side > max(x.shape[-2:]):
             g = {**got, "pixel_values": c.randn(x.shape[0], x.shape[1], side, side)}
-            if "image_sizes" in got:
-                g["image_sizes"] = torch.tensor([[side, side]] * x.shape[0])
             out.append(g)
+            if sized:
+                out.append({**g, "image_sizes": torch.tensor([[side, side]] * x.shape[0])})
     return out
 
 

@@ -324,8 +324,10 @@ def test_image_layouts_offer_several_images_per_sample_their_sizes_and_larger_si
     layouts = hf.input_layouts(det)
     shapes = [tuple(x["pixel_values"].shape) for x in layouts]
     assert shapes[0] == (2, 3, 64, 64) and (2, 1, 3, 64, 64) in shapes and (2, 3, 640, 640) in shapes
-    x = nerofy.example_inputs(vlm, probe=False, device="cpu")
-    assert x["image_sizes"].tolist() == [list(x["pixel_values"].shape[-2:])] * 2
+    layouts = hf.input_layouts(vlm, device="cpu")
+    assert "image_sizes" not in layouts[0]  # CLIP towers (llava) take none: only a layout offers them
+    sized = [x for x in layouts if "image_sizes" in x]
+    assert sized and all(x["image_sizes"].tolist() == [list(x["pixel_values"].shape[-2:])] * 2 for x in sized)
 
 
 def test_required_inputs_no_rule_makes_come_from_the_forward_docstring():
@@ -339,3 +341,13 @@ def test_required_inputs_no_rule_makes_come_from_the_forward_docstring():
     assert tuple(x["latents"].shape) == (2, dec.config.hidden_size, hf.SEQ)
     x = nerofy.example_inputs(asr, probe=False)
     assert tuple(x["inputs_embeds"].shape) == (2, hf.SEQ, asr.config.hidden_size)
+
+
+def test_a_model_without_forward_is_planned_by_module_rules_and_says_so():
+    """A VQ tokenizer used through encode/decode has no forward to trace: its row is planned from
+    module rules alone, and says so; a parameter no rule places would make it fail_trace."""
+    from cli.hf_source import structural_job
+
+    row = structural_job("chameleon_vqgan")
+    assert row["status"] == "pass" and row["tracer"] == "modules"
+    assert row["plan_from"] == "modules (no forward)"
