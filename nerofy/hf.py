@@ -869,7 +869,7 @@ def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
         g = {**got, key: t}
         for m in _FRAME_MASKS:
             if m in c.params and axis >= 0:
-                g[m] = torch.ones(b, t.shape[axis], dtype=torch.long, device=t.device)
+                g[m] = torch.ones(b, t.shape[axis], dtype=torch.bool, device=t.device)
         out += _image_layouts(c, g)
     return out
 
