@@ -316,8 +316,16 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
         raise ValueError(f"{type(model).__name__} has no trainable parameters (all requires_grad=False)")
     if example_inputs is not None:
         example_inputs = positional_inputs(model, example_inputs)
+    try:
+        tr = trace(model, example_inputs, frontends)
+    except Exception:
+        if example_inputs is not None:
+            _check_inputs(model, example_inputs)  # inputs that do not fit: that clear error instead
+        raise
+    if example_inputs is not None and tr.frontend not in _RAN_INPUTS:
+        # no frontend ran the forward with these inputs (each meta forward of a big model costs
+        # seconds, so the check runs only here): inputs that do not fit get one clear error
         _check_inputs(model, example_inputs)
-    tr = trace(model, example_inputs, frontends)
     entries, warnings = [], []
     unreached = set(tr.unreached)
     for name, p in params.items():
@@ -392,6 +400,19 @@ def _forward_signature(model: nn.Module) -> inspect.Signature:
             return inspect.signature(inner.forward)
 
 
+def _is_wrapped(model: nn.Module) -> bool:
+    """Whether the forward that takes the inputs is a decorator's wrapper (``functools.wraps``:
+    its signature is the wrapped function's, its call is the wrapper's)."""
+    inner = model
+    while True:
+        if isinstance(getattr(inner, "_orig_mod", None), nn.Module):
+            inner = inner._orig_mod
+        elif isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = inner.module
+        else:
+            return hasattr(inner.forward, "__wrapped__")
+
+
 def _unnamed_keys_hint(model: nn.Module, kwargs: dict) -> str:
     """Where keyword inputs went to ``**kwargs`` and the call failed: the keys forward does not
     name, with close names (a typo of ``input_ids`` reaches the model as an unknown keyword)."""
@@ -443,6 +464,21 @@ def positional_inputs(model: nn.Module, example_inputs) -> tuple | CallInputs:
                          + "; give forward's parameter names as keys (a forward that takes the dict itself gets "
                          "it as (batch,))")
     last = max((named.index(k) for k in example_inputs), default=-1)
+    for p in params[: last + 1]:
+        if p.name not in example_inputs and p.default is p.empty:
+            raise ValueError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward{sig} "
+                             "requires; add it to the dict")
+    if _is_wrapped(model):
+        # a decorated forward (transformers' merge_with_config_defaults) takes (*args, **kwargs)
+        # and may inject a keyword itself: a default bound positionally then arrives twice ("got
+        # multiple values"). The call stays as the user wrote it: the given keys that lead forward's
+        # parameters positionally, the rest as keywords, no default filled in between
+        lead = 0
+        while lead < len(named) and (named[lead] in example_inputs or params[lead].kind == params[lead].POSITIONAL_ONLY):
+            lead += 1
+        if lead <= last:
+            head = tuple(example_inputs[p.name] if p.name in example_inputs else p.default for p in params[:lead])
+            return CallInputs(head, {k: v for k, v in example_inputs.items() if k not in named[:lead]})
     out = []
     for p in params[: last + 1]:
         if p.name in example_inputs:
@@ -453,6 +489,11 @@ def positional_inputs(model: nn.Module, example_inputs) -> tuple | CallInputs:
             raise ValueError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward{sig} "
                              "requires; add it to the dict")
     return tuple(out)
+
+
+# frontends whose success means the forward ran with the example inputs (on meta, or for real
+# where meta could not): those inputs fit, and _check_inputs would only run that forward again
+_RAN_INPUTS = ("record", "export")
 
 
 def _check_inputs(model: nn.Module, example_inputs) -> None:

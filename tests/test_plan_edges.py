@@ -499,3 +499,46 @@ def test_dict_example_inputs_bind_through_compile_and_data_parallel_wrappers():
     for wrapped in (nn.DataParallel(KeywordForward()), torch.compile(KeywordForward())):
         got = positional_inputs(wrapped, batch)
         assert len(got) == 3 and got[0] is ids and got[1] is None and got[2] is want[2]
+
+
+def _config_default(name):
+    """A decorator like transformers' merge_with_config_defaults: it takes (*args, **kwargs) and
+    fills ``name`` from the module as a keyword where the call did not give it one."""
+    import functools
+
+    def deco(forward):
+        @functools.wraps(forward)
+        def wrapper(self, *args, **kwargs):
+            if kwargs.get(name) is None:
+                kwargs[name] = getattr(self, name)  # a positional value is not seen: it arrives twice
+            return forward(self, *args, **kwargs)
+        return wrapper
+    return deco
+
+
+class DecoratedForward(KeywordForward):
+    feature_layer = 1
+
+    @_config_default("feature_layer")
+    def forward(self, input_ids, attention_mask=None, feature_layer=None, token_type_ids=None):
+        return super().forward(input_ids, attention_mask, token_type_ids) * feature_layer
+
+
+def test_dict_example_inputs_to_a_decorated_forward_keep_keys_after_a_gap_as_keywords():
+    # mistral3: a default bound positionally between given keys (feature_layer=None) went to the
+    # decorator as a positional value while it injected the keyword too: "got multiple values"
+    from nerofy.trace import CallInputs
+
+    ids = torch.randint(0, 20, (2, 5))
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids)}
+    got = positional_inputs(DecoratedForward(), batch)
+    assert isinstance(got, CallInputs) and got.args == (ids,) and list(got.kwargs) == ["token_type_ids"]
+    p = make_plan(DecoratedForward(), batch)
+    assert (p["seg.weight"].role, p["seg.weight"].frontend) == ("embedding", p.frontend)
+    # keys that lead forward's parameters with no gap stay one positional tuple (fx can trace it)
+    lead = {"input_ids": ids, "attention_mask": torch.ones(2, 5)}
+    assert positional_inputs(DecoratedForward(), lead) == (ids, lead["attention_mask"])
+    # an undecorated forward binds the same dict positionally, as before
+    assert positional_inputs(KeywordForward(), batch) == (ids, None, batch["token_type_ids"])
+    with pytest.raises(ValueError, match="lacks 'input_ids'"):
+        positional_inputs(DecoratedForward(), {"token_type_ids": ids})
