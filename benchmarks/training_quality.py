@@ -36,6 +36,14 @@ Configurations (``--configs``; each gets the plain model built right after torch
   nerofy no clip         ... clip=None: Nero's steps uncapped, as in the paper (the default caps each
                          neuron's step at 2 lr: ||g|| / sqrt(v_hat) at most 2)
   nerofy clip 1 / 2 / 3  ... clip=1 / 2 / 3: the cap at 1, 2 (the default) or 3 lr
+  nerofy clip 1.5        ... clip=1.5
+  nerofy clip 1 neurons  experiment: clip 1 for per-neuron tensors, none for elementwise ones (biases, gains)
+  nerofy clip 1 neurons 3 elements   ... and clip 3 for elementwise ones
+  nerofy beta 0.99       ... beta=0.99: a faster running average (the paper's is 0.999)
+  nerofy lr 0.005        ... lr=0.005
+  nerofy spike C B       experiment (C 2 or 1.5, B 0.9 or 0.99): before Nero's step, each neuron's gradient
+                         is shortened to at most C times the rms of its recent norms (an EMA with beta B of
+                         the shortened norms^2; ZClip-style spike clipping per neuron), Nero's clip 2 behind it
   nerofy unit-gain       ... scale="unit"
   nerofy signal-gain     ... scale="signal"
   nerofy tables free     nerofy.plan, then every "embedding"/"additive" entry overridden balanced=False
@@ -186,6 +194,55 @@ def _wrap(**kw):
     return lambda model, ex: nerofy.wrap(model, lr=0.01, example_inputs=ex, **kw)
 
 
+def _clip_by_layout(neurons, elements):
+    """An experiment: one cap for neurons (vectors), another for elementwise tensors (biases, gains)."""
+    from nerofy.layout import ELEMENTWISE
+
+    def build(model, ex):
+        model, opt = nerofy.wrap(model, lr=0.01, example_inputs=ex)
+        for g in opt.param_groups:
+            g["clip"] = elements if g["layout"] == ELEMENTWISE else neurons
+        return model, opt
+    return build
+
+
+class _SpikeClip(torch.optim.Optimizer):
+    """An experiment: before Nero sees them, shorten gradients whose per-neuron norm is over ``c``
+    times the rms of that neuron's recent norms (EMA ``beta``; the clipped norm enters the EMA)."""
+
+    def __init__(self, opt, c, beta):
+        self.opt, self.c, self.beta, self.ema = opt, c, beta, {}
+        self.param_groups, self.state, self.defaults = opt.param_groups, opt.state, opt.defaults
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.opt.param_groups:
+            lay = group["layout"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                gv, dims = lay.neuron_view(p.grad)
+                n2 = gv.float().square().sum(dims, keepdim=True) if dims else gv.float().square()
+                e = self.ema.get(p)
+                if e is None:
+                    self.ema[p] = n2.clone()
+                    continue
+                f = (self.c * self.c * e / n2.clamp_min(1e-30)).sqrt().clamp(max=1.0)
+                gv.mul_(f.to(gv.dtype))
+                e.mul_(self.beta).add_(n2 * f.square(), alpha=1 - self.beta)
+        return self.opt.step(closure)
+
+
+def _spike(c, beta, **kw):
+    def build(model, ex):
+        model, opt = nerofy.wrap(model, lr=0.01, example_inputs=ex, **kw)
+        return model, _SpikeClip(opt, c, beta)
+    return build
+
+
 def _tables(balanced: bool):
     def build(model, ex):
         plan = nerofy.plan(model, ex)
@@ -244,6 +301,14 @@ CONFIGS = {
     "nerofy clip 1": _wrap(clip=1.0),
     "nerofy clip 2": _wrap(clip=2.0),
     "nerofy clip 3": _wrap(clip=3.0),
+    "nerofy clip 1.5": _wrap(clip=1.5),
+    "nerofy clip 1 neurons": _clip_by_layout(1.0, None),
+    "nerofy clip 1 neurons 3 elements": _clip_by_layout(1.0, 3.0),
+    "nerofy beta 0.99": _wrap(beta=0.99),
+    "nerofy spike 2 0.9": _spike(2.0, 0.9),
+    "nerofy spike 1.5 0.9": _spike(1.5, 0.9),
+    "nerofy spike 2 0.99": _spike(2.0, 0.99),
+    "nerofy lr 0.005": lambda model, ex: nerofy.wrap(model, lr=0.005, example_inputs=ex),
     "nerofy unit-gain": _wrap(scale="unit"),
     "nerofy signal-gain": _wrap(scale="signal"),
     "nerofy tables free": _tables(False),
