@@ -30,6 +30,7 @@ __all__ = ["Nero", "nero_update"]
 log = logging.getLogger("nerofy")
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+DEFAULT_CLIP = 2.0  # Nero's default cap on a step, in units of lr (see Nero's clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,7 +388,7 @@ class Nero(torch.optim.Optimizer):
         fused: bool | None = None,
         weight_decay: float = 0.0,
         capturable: bool = False,
-        clip: float | None = 2.0,
+        clip: float | None = DEFAULT_CLIP,
     ):
         _check_weight_decay(weight_decay)
         _check_hparams(lr, beta, eps, scale_floor, min_scale)
@@ -677,9 +678,6 @@ def _check_hparams(lr, beta, eps, scale_floor, min_scale=0.0):
     if not (scale_floor > 0.0):
         raise ValueError(f"Invalid scale_floor {scale_floor!r}: it must be > 0")
     check_min_scale(min_scale)
-
-
-DEFAULT_CLIP = 2.0
 
 
 def check_clip(clip) -> None:

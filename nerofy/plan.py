@@ -388,8 +388,8 @@ def _names(ns: list[str], n: int = 8) -> str:
 BN_SINGLE_VALUE = "more than 1 value per channel"
 
 
-def _forward_signature(model: nn.Module) -> inspect.Signature:
-    """The signature of the forward that takes the inputs: through torch.compile, (Distributed)DataParallel."""
+def _input_module(model: nn.Module) -> nn.Module:
+    """The module whose forward takes the inputs: through torch.compile, (Distributed)DataParallel."""
     inner = model
     while True:
         if isinstance(getattr(inner, "_orig_mod", None), nn.Module):
@@ -397,20 +397,18 @@ def _forward_signature(model: nn.Module) -> inspect.Signature:
         elif isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             inner = inner.module
         else:
-            return inspect.signature(inner.forward)
+            return inner
+
+
+def _forward_signature(model: nn.Module) -> inspect.Signature:
+    """The signature of the forward that takes the inputs."""
+    return inspect.signature(_input_module(model).forward)
 
 
 def _is_wrapped(model: nn.Module) -> bool:
     """Whether the forward that takes the inputs is a decorator's wrapper (``functools.wraps``:
     its signature is the wrapped function's, its call is the wrapper's)."""
-    inner = model
-    while True:
-        if isinstance(getattr(inner, "_orig_mod", None), nn.Module):
-            inner = inner._orig_mod
-        elif isinstance(inner, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            inner = inner.module
-        else:
-            return hasattr(inner.forward, "__wrapped__")
+    return hasattr(_input_module(model).forward, "__wrapped__")
 
 
 def _unnamed_keys_hint(model: nn.Module, kwargs: dict) -> str:
@@ -479,16 +477,8 @@ def positional_inputs(model: nn.Module, example_inputs) -> tuple | CallInputs:
         if lead <= last:
             head = tuple(example_inputs[p.name] if p.name in example_inputs else p.default for p in params[:lead])
             return CallInputs(head, {k: v for k, v in example_inputs.items() if k not in named[:lead]})
-    out = []
-    for p in params[: last + 1]:
-        if p.name in example_inputs:
-            out.append(example_inputs[p.name])
-        elif p.default is not p.empty:
-            out.append(p.default)
-        else:
-            raise ValueError(f"example_inputs lacks {p.name!r}, which {type(model).__name__}.forward{sig} "
-                             "requires; add it to the dict")
-    return tuple(out)
+    # every parameter up to the last given one is given or has a default (checked above)
+    return tuple(example_inputs[p.name] if p.name in example_inputs else p.default for p in params[: last + 1])
 
 
 # frontends whose success means the forward ran with the example inputs (on meta, or for real
