@@ -47,12 +47,26 @@ class CheckResult:
 
 
 def default_loss(out: Any) -> torch.Tensor:
-    """A loss from any output: mean square (|t|^2 for complex) of every floating or complex tensor in it."""
+    """A loss from any output: mean square (|t|^2 for complex) of every floating or complex tensor in it.
+
+    Entries that are +-inf are left out: models mask logits with -inf on purpose (detection heads over
+    padded text tokens, causal masks returned as outputs), and the square of a mask says nothing about
+    training. NaN is kept, so a model that breaks still fails the finite-loss check; an output that is
+    nothing but masks is an error."""
     ts = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
           and t.requires_grad]
     if not ts:
         raise RuntimeError("the model's output holds no floating tensor that requires grad")
-    return sum(upcast(t).abs().square().mean() for t in ts)
+    total, used = 0, 0
+    for t in ts:
+        keep = ~torch.isinf(t)  # the output's own infs (masks), not a square that overflowed
+        if bool(keep.all()):
+            total, used = total + upcast(t).abs().square().mean(), used + 1
+        elif bool(keep.any()):  # indexed before squaring: the mask's entries get a zero gradient, not NaN
+            total, used = total + upcast(t[keep]).abs().square().mean(), used + 1
+    if not used:
+        raise RuntimeError("every floating output of the model is +-inf (masks only): pass a loss of your own")
+    return total
 
 
 def constraint_error(model: nn.Module, plan: Plan) -> float:

@@ -190,3 +190,19 @@ def test_batchnorm_example_input_of_one_sample_says_to_pass_two():
     with pytest.raises(ValueError, match="pass a batch of at least 2"):
         nerofy.plan(m, (torch.randn(1, 8),))
     assert nerofy.plan(m, (torch.randn(2, 8),))["0.weight"].role == "neuron"
+
+
+def test_default_loss_leaves_out_masked_logits_but_keeps_nan():
+    import torch
+
+    from nerofy.check import default_loss
+
+    x = torch.tensor([1.0, 2.0, float("-inf")], requires_grad=True)
+    y = torch.tensor([3.0], requires_grad=True)
+    loss = default_loss({"logits": x, "h": y})
+    assert loss.item() == pytest.approx((1 + 4) / 2 + 9)  # the -inf entry is a mask, not an output
+    loss.backward()
+    assert x.grad.tolist() == [1.0, 2.0, 0.0]
+    assert torch.isnan(default_loss((torch.tensor([1.0, float("nan")], requires_grad=True),)))
+    with pytest.raises(RuntimeError, match="masks only"):
+        default_loss(torch.full((3,), float("-inf"), requires_grad=True))
