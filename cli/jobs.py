@@ -70,6 +70,9 @@ def versions() -> dict[str, str]:
         out["timm"] = timm.__version__
     except ImportError:
         out["timm"] = ""
+    tf = sys.modules.get("transformers")  # only where the row's source loaded it: its rows depend on the version
+    if tf is not None:
+        out["transformers"] = getattr(tf, "__version__", "")
     return out
 
 

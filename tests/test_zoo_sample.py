@@ -50,3 +50,47 @@ def test_zoo_sample_has_no_regression(tmp_path):
         if r["status"] == "pass":
             assert r["axes"].get("fail", 0) == 0 and r["max_constraint_error"] < 1e-4
             assert r["tracer"] and r["constrained_share"] > 0.5
+
+
+# --- transformers: every config type's full check on its shrunk config (model_zoo_checks/check_transformers.jsonl)
+TF_EXPECTED = os.path.join(os.path.dirname(__file__), "..", "model_zoo_checks", "expected_transformers.json")
+TF_ROWS = os.path.join(os.path.dirname(__file__), "..", "model_zoo_checks", "check_transformers.jsonl")
+# one type per family the generic path serves: encoder, decoder, MoE decoder, state-space, encoder-decoder,
+# speech (features and raw audio), vision, video, two-tower and vision-language models
+TF_SAMPLE = ["transformers:" + t for t in ("bert", "gpt2", "mixtral", "mamba", "t5", "whisper", "wav2vec2", "vit",
+                                           "vivit", "clip", "llava", "qwen2_vl")]
+
+
+def test_transformers_expected_covers_every_config_type():
+    pytest.importorskip("transformers")
+    import transformers
+
+    from nerofy import hf
+
+    with open(TF_EXPECTED) as f:
+        expected = json.load(f)
+    with open(TF_ROWS) as f:
+        swept = {json.loads(line).get("versions", {}).get("transformers") for line in f}
+    if swept != {transformers.__version__}:
+        pytest.skip(f"the committed sweep ran on transformers {sorted(map(str, swept))}, "
+                    f"this is {transformers.__version__}")
+    assert sorted(expected) == sorted("transformers:" + t for t in hf.model_types())
+    assert all(expected[n] == "pass" for n in TF_SAMPLE)
+
+
+def test_transformers_zoo_sample_has_no_regression(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "sample.jsonl"
+    res = CliRunner().invoke(app, ["zoo", "--source", "transformers", *TF_SAMPLE, "--out", str(out), "--steps", "1",
+                                   "--timeout", "240", "--expected", TF_EXPECTED])
+    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    got = {r["name"]: (r["status"], r["error"]) for r in rows}
+    assert res.exit_code == 0, f"{res.stderr}\n{got}"
+    assert set(got) == set(TF_SAMPLE)
+    said = " ".join(res.stderr.split())
+    assert "no regression against" in said and f"({len(TF_SAMPLE)} models)" in said
+    for r in rows:
+        assert r["status"] == "pass" and r["source"] == "transformers"
+        assert r["axes"].get("fail", 0) == 0 and r["max_constraint_error"] < 1e-4
+        assert r["shrink_level"] in (1, 2) and r["total_params"] < 30_000_000
+        assert r["versions"]["transformers"]
