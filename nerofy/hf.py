@@ -380,6 +380,16 @@ def assign_placeholder_ids(config) -> dict[str, int]:
     return set_
 
 
+def no_cache(config) -> None:
+    """``use_cache=False`` on the config and every sub-config that has the key: a model built to be
+    planned for training runs a training forward, which builds no KV cache (a hybrid model's cache
+    of only linear-attention layers cannot even answer ``get_seq_length``)."""
+    for c in _sub_configs(config):
+        if "use_cache" in getattr(c, "__dict__", {}) or hasattr(type(c), "use_cache"):
+            with contextlib.suppress(Exception):  # a config that derives it (a property) keeps its own
+                c.use_cache = False
+
+
 def _count_meta(cls, config) -> int:
     with torch.device("meta"):
         m = cls(config)
@@ -398,6 +408,7 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
     cls = model_class(model_type, head)
     config = default_config(model_type)
     assigned = assign_placeholder_ids(config)
+    no_cache(config)
     if size == "default":
         with torch.device(device or "cpu"):
             return cls(config).eval(), {"level": None, "config": config, "class": cls.__name__, "assigned": assigned}

@@ -351,3 +351,17 @@ def test_a_model_without_forward_is_planned_by_module_rules_and_says_so():
     row = structural_job("chameleon_vqgan")
     assert row["status"] == "pass" and row["tracer"] == "modules"
     assert row["plan_from"] == "modules (no forward)"
+
+
+def test_build_turns_the_kv_cache_off_for_a_training_forward():
+    """Planning is for training, which builds no KV cache: ``build`` sets ``use_cache=False`` on the
+    config and its sub-configs. A hybrid model whose cache would hold only linear-attention layers
+    (bamba's first layer is mamba) then runs on meta instead of failing in ``get_seq_length``."""
+    model, info = hf.build("bamba", "default", device="meta")
+    assert model.config.use_cache is False
+    vlm, _ = hf.build("llava", "default", device="meta")
+    assert vlm.config.text_config.use_cache is False
+    x = nerofy.example_inputs(model, probe=False)
+    with hf.meta_values(), torch.no_grad():
+        out = model(**x)
+    assert tuple(out.last_hidden_state.shape) == (2, hf.SEQ, model.config.hidden_size)
