@@ -594,12 +594,33 @@ def _audio_cfg(c: _Ctx):
     return c.sub("audio", "encoder", "speech")
 
 
+# config keys whose product the number of raw samples must be a multiple of (a patching encoder's
+# per-stage patch sizes, a codec's downsampling ratios)
+_SAMPLE_MULTIPLES = ("patch_sizes", "downsampling_ratios")
+# (config key, factor): feature frames come in whole chunks of key x factor frames (Qwen3-ASR's
+# windowed encoder: n_window * 2)
+_FRAME_CHUNKS = (("n_window", 2),)
+
+
+def _frames(c: _Ctx, a, n: int = 32) -> int:
+    for key, f in _FRAME_CHUNKS:
+        m = c.first(a, key, default=None)
+        if _is_int(m) and m > 0:
+            n = -(-n // (m * f)) * m * f
+    return n
+
+
 def _input_values(c: _Ctx):
     a = _audio_cfg(c)
     # a second of 16 kHz audio shrunk to what the feature encoder's strides still turn into a few frames
     strides = c.first(a, "conv_stride", default=None)
     hop = math.prod(strides) if isinstance(strides, (list, tuple)) and strides else 320
     n = max(hop * 8, 1600)
+    for key in _SAMPLE_MULTIPLES:  # encoders that cut samples into whole patches of prod(key) samples
+        m = c.first(a, key, default=None)
+        m = math.prod(m) if isinstance(m, (list, tuple)) and m and all(_is_int(x) for x in m) else None
+        if m and m > 1:
+            n = -(-n // m) * m
     chans = c.first(a, "audio_channels", default=None)
     if chans and int(chans) > 1:
         return c.randn(c.batch, int(chans), n)
@@ -616,7 +637,7 @@ def _input_features(c: _Ctx):
         # Whisper-style encoders want exactly 2 x max_source_positions frames (two convs, stride 2)
         frames = 2 * int(src)
         return c.randn(c.batch, int(mel), frames)
-    return c.randn(c.batch, 32, int(mel) * int(c.first(a, "input_channels", default=1)))
+    return c.randn(c.batch, _frames(c, a), int(mel) * int(c.first(a, "input_channels", default=1)))
 
 
 def _bbox(c: _Ctx):
@@ -870,9 +891,10 @@ def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
             c.first(a, "num_mel_bins", default=None) is not None else 1
         alts += [(x, t_axis), (x.transpose(1, 2).contiguous(), 3 - t_axis), (x.transpose(1, 2)[:, None]
                  .contiguous() if t_axis == 2 else x[:, None], 2)]
-        proj = c.first(a, "feature_projection_input_dim", default=None)
-        if proj and t_axis == 1 and int(proj) != x.shape[2]:
-            alts.insert(1, (c.randn(b, x.shape[1], int(proj)).to(x.device), 1))
+        widths = [c.first(a, "feature_projection_input_dim", default=None)] + _stacked_widths(c.model, x.shape[2])
+        for w in dict.fromkeys(int(w) for w in widths if w and int(w) != x.shape[2]):
+            if t_axis == 1:
+                alts.insert(1, (c.randn(b, x.shape[1], w).to(x.device), 1))
     else:
         return [got]
     out = []
@@ -883,6 +905,20 @@ def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
                 g[m] = torch.ones(b, t.shape[axis], dtype=torch.bool, device=t.device)
         out += _image_layouts(c, g)
     return out
+
+
+# frames stacked into one input row: at most this many (low frame rate features stack 2-8)
+MAX_STACK = 8
+
+
+def _stacked_widths(model: nn.Module, bins: int) -> list[int]:
+    """Widths of stacked frames (k consecutive frames of ``bins`` as one row: a low-frame-rate
+    encoder's input, or frames with their deltas) that the model's first linear layer taking a
+    multiple of ``bins`` reads: k x bins where 2 <= k <= MAX_STACK."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.in_features % bins == 0 and 2 <= m.in_features // bins <= MAX_STACK:
+            return [m.in_features]
+    return []
 
 
 def _runs(model: nn.Module, inputs: dict) -> bool:

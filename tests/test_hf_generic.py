@@ -5,6 +5,8 @@ the generic path here (their tasks; the full check of each is marked slow)."""
 from __future__ import annotations
 
 
+import math
+
 import pytest
 import torch
 
@@ -365,3 +367,22 @@ def test_build_turns_the_kv_cache_off_for_a_training_forward():
     with hf.meta_values(), torch.no_grad():
         out = model(**x)
     assert tuple(out.last_hidden_state.shape) == (2, hf.SEQ, model.config.hidden_size)
+
+
+def test_audio_lengths_and_widths_follow_the_config_and_the_input_projection():
+    """Raw samples are a whole number of the patching encoder's patches (prod(patch_sizes)); frames
+    whole chunks of n_window * 2 (Qwen3-ASR); stacked frames (k x mel bins) are the width of the
+    first linear layer that reads a multiple of the bins (low-frame-rate encoders: 7 x 80)."""
+    with torch.device("meta"):
+        spark = hf.model_class("muse_spark_audio")(hf.default_config("muse_spark_audio"))
+        asr = hf.model_class("qwen3_asr_encoder")(hf.default_config("qwen3_asr_encoder"))
+        lfr = hf.model_class("fun_asr_nano_encoder")(hf.default_config("fun_asr_nano_encoder"))
+    n = nerofy.example_inputs(spark, probe=False)["input_values"].shape[-1]
+    assert n % math.prod(spark.config.patch_sizes) == 0
+    shapes = [tuple(x["input_features"].shape) for x in hf.input_layouts(asr)]
+    assert (2, asr.config.num_mel_bins, 2 * asr.config.n_window) in shapes  # (batch, bins, frames)
+    x = nerofy.example_inputs(lfr)
+    assert x["input_features"].shape[-1] == lfr.config.num_mel_bins * lfr.config.num_stacked_frames
+    with hf.meta_values(), torch.no_grad():
+        out = lfr(**x)
+    assert out.last_hidden_state.shape[:2] == x["input_features"].shape[:2]
