@@ -276,7 +276,27 @@ def shrink_config(config, level: int = 2):
             out = _valid_subset(type(config), d, small, e)
     if level >= 1:
         _fit_mrope(out)
+    _fit_image_tokens(out)
     return out
+
+
+def _fit_image_tokens(config) -> None:
+    """A projector that pools the vision tower's square grid of patches (image_size / patch_size a
+    side) to ``mm_tokens_per_image`` tokens (a square) needs a side that divides the grid's: after
+    shrinking (or in a default config whose image is smaller than its checkpoints'), the tokens
+    per side become the largest divisor of the patch grid's side not above the old one."""
+    for c in _sub_configs(config):
+        for k in [k for k in vars(c) if k.endswith("tokens_per_image")]:
+            n = getattr(c, k)
+            v = getattr(c, "vision_config", None)
+            size, patch = getattr(v, "image_size", None), getattr(v, "patch_size", None)
+            if not (_is_int(n) and _is_int(size) and _is_int(patch) and patch > 0 and n > 0):
+                continue
+            side, grid = math.isqrt(n), size // patch
+            if side * side != n or grid <= 0 or grid % side == 0:
+                continue
+            t = max(d for d in range(1, min(side, grid) + 1) if grid % d == 0)
+            setattr(c, k, t * t)
 
 
 def _changes(old, new, path=()) -> list[tuple]:

@@ -386,3 +386,17 @@ def test_audio_lengths_and_widths_follow_the_config_and_the_input_projection():
     with hf.meta_values(), torch.no_grad():
         out = lfr(**x)
     assert out.last_hidden_state.shape[:2] == x["input_features"].shape[:2]
+
+
+def test_pooled_image_tokens_fit_the_shrunk_patch_grid():
+    """Gemma3's projector pools the (image_size / patch_size)-square patch grid to
+    mm_tokens_per_image tokens: the tokens per side must divide the grid's side, or the pooling
+    kernel is 0 ('stride should not be zero'). The shrunk config's fit, and the model runs."""
+    small = hf.shrink_config(hf.default_config("gemma3"), 2)
+    grid = small.vision_config.image_size // small.vision_config.patch_size
+    side = math.isqrt(small.mm_tokens_per_image)
+    assert side * side == small.mm_tokens_per_image and grid % side == 0
+    model, info = hf.build("gemma3", "small")
+    assert info["level"] == 2 and model.config.mm_tokens_per_image == small.mm_tokens_per_image
+    x = nerofy.example_inputs(model)
+    assert (x["input_ids"] == model.config.image_token_id).sum() == 2 * small.mm_tokens_per_image
