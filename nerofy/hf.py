@@ -525,7 +525,7 @@ def _image_size(c: _Ctx) -> tuple[int, int, int]:
     ch = int(c.first(v, "num_channels", "in_channels", "in_chans", "input_channels", default=3))
     s = c.first(v, "image_size", "img_size", "input_size", "crop_size", default=None)
     if s is None:
-        s = c.first(c.config, "image_size", default=64)
+        s = c.first(c.config, "image_size", default=None) or _strict_image_size(c.model) or 64
     if isinstance(s, dict):
         s = (s.get("height", 64), s.get("width", 64))
     if isinstance(s, (list, tuple)):
@@ -534,6 +534,16 @@ def _image_size(c: _Ctx) -> tuple[int, int, int]:
     else:
         h = w = int(s)
     return ch, h, w
+
+
+def _strict_image_size(model: nn.Module):
+    """The (H, W) a patch embedding insists on (timm's ``strict_img_size``: a wrapped timm ViT
+    whose config names only its architecture), else None."""
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if getattr(m, "strict_img_size", False) is True and isinstance(size, (tuple, list)) and len(size) == 2:
+            return [int(x) for x in size]
+    return None
 
 
 def _grid(c: _Ctx) -> tuple[int, int, int]:

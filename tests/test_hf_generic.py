@@ -400,3 +400,13 @@ def test_pooled_image_tokens_fit_the_shrunk_patch_grid():
     assert info["level"] == 2 and model.config.mm_tokens_per_image == small.mm_tokens_per_image
     x = nerofy.example_inputs(model)
     assert (x["input_ids"] == model.config.image_token_id).sum() == 2 * small.mm_tokens_per_image
+
+
+def test_images_take_the_size_a_strict_patch_embedding_insists_on():
+    """A wrapped timm ViT (pe_video's vision: TimmWrapperConfig names only the architecture) asserts
+    its own image size: with no image size in the config, the frames take that size."""
+    with torch.device("meta"):
+        model = hf.model_class("pe_video_encoder")(hf.default_config("pe_video_encoder"))
+    x = nerofy.example_inputs(model, probe=False)
+    size = next(m.img_size for m in model.modules() if getattr(m, "strict_img_size", False) is True)
+    assert tuple(x["pixel_values_videos"].shape[-2:]) == tuple(size) == (336, 336)
