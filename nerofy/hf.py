@@ -133,7 +133,7 @@ SHRINK_RULES: tuple[Rule, ...] = (
     Rule(r"n_group|topk_group|n_shared_experts", 1, 0),
     # widths: hidden 32 = 2 heads x 16
     Rule(r"hidden_size|d_model|n_embd|embed_dim|dim|word_embed_proj_dim|embedding_size|projection_dim|proj_dim"
-         r"|text_embed_dim|vision_embed_dim|d_latents|.+_hidden_size", 32),
+         r"|text_embed_dim|vision_embed_dim|d_latents|.+_hidden_size|output_dim", 32),
     # key/value heads before the head counts (num_.+_heads would match them): 2 heads, 1 kv head (GQA)
     Rule(r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads", 1, alt=2),  # alt: as many as heads
     Rule(r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads"

@@ -410,3 +410,10 @@ def test_images_take_the_size_a_strict_patch_embedding_insists_on():
     x = nerofy.example_inputs(model, probe=False)
     size = next(m.img_size for m in model.modules() if getattr(m, "strict_img_size", False) is True)
     assert tuple(x["pixel_values_videos"].shape[-2:]) == tuple(size) == (336, 336)
+
+
+def test_an_audio_towers_output_dim_shrinks_with_the_text_width():
+    """An audio tower's ``output_dim`` is the width its features enter the text model at: capped like
+    the other widths, so the shrunk tower's features fill the shrunk text model's placeholders."""
+    small = hf.shrink_config(hf.default_config("qwen3_asr"), 2)
+    assert small.audio_config.output_dim == small.get_text_config().hidden_size == 32
