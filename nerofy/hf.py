@@ -133,7 +133,7 @@ SHRINK_RULES: tuple[Rule, ...] = (
     Rule(r"n_group|topk_group|n_shared_experts", 1, 0),
     # widths: hidden 32 = 2 heads x 16
     Rule(r"hidden_size|d_model|n_embd|embed_dim|dim|word_embed_proj_dim|embedding_size|projection_dim|proj_dim"
-         r"|text_embed_dim|vision_embed_dim|d_latents|.+_hidden_size", 32),
+         r"|text_embed_dim|vision_embed_dim|d_latents|.+_hidden_size|output_dim", 32),
     # key/value heads before the head counts (num_.+_heads would match them): 2 heads, 1 kv head (GQA)
     Rule(r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads", 1, alt=2),  # alt: as many as heads
     Rule(r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads"
@@ -276,7 +276,27 @@ def shrink_config(config, level: int = 2):
             out = _valid_subset(type(config), d, small, e)
     if level >= 1:
         _fit_mrope(out)
+    _fit_image_tokens(out)
     return out
+
+
+def _fit_image_tokens(config) -> None:
+    """A projector that pools the vision tower's square grid of patches (image_size / patch_size a
+    side) to ``mm_tokens_per_image`` tokens (a square) needs a side that divides the grid's: after
+    shrinking (or in a default config whose image is smaller than its checkpoints'), the tokens
+    per side become the largest divisor of the patch grid's side not above the old one."""
+    for c in _sub_configs(config):
+        for k in [k for k in vars(c) if k.endswith("tokens_per_image")]:
+            n = getattr(c, k)
+            v = getattr(c, "vision_config", None)
+            size, patch = getattr(v, "image_size", None), getattr(v, "patch_size", None)
+            if not (_is_int(n) and _is_int(size) and _is_int(patch) and patch > 0 and n > 0):
+                continue
+            side, grid = math.isqrt(n), size // patch
+            if side * side != n or grid <= 0 or grid % side == 0:
+                continue
+            t = max(d for d in range(1, min(side, grid) + 1) if grid % d == 0)
+            setattr(c, k, t * t)
 
 
 def _changes(old, new, path=()) -> list[tuple]:
@@ -380,6 +400,16 @@ def assign_placeholder_ids(config) -> dict[str, int]:
     return set_
 
 
+def no_cache(config) -> None:
+    """``use_cache=False`` on the config and every sub-config that has the key: a model built to be
+    planned for training runs a training forward, which builds no KV cache (a hybrid model's cache
+    of only linear-attention layers cannot even answer ``get_seq_length``)."""
+    for c in _sub_configs(config):
+        if "use_cache" in getattr(c, "__dict__", {}) or hasattr(type(c), "use_cache"):
+            with contextlib.suppress(Exception):  # a config that derives it (a property) keeps its own
+                c.use_cache = False
+
+
 def _count_meta(cls, config) -> int:
     with torch.device("meta"):
         m = cls(config)
@@ -398,6 +428,7 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
     cls = model_class(model_type, head)
     config = default_config(model_type)
     assigned = assign_placeholder_ids(config)
+    no_cache(config)
     if size == "default":
         with torch.device(device or "cpu"):
             return cls(config).eval(), {"level": None, "config": config, "class": cls.__name__, "assigned": assigned}
@@ -494,7 +525,7 @@ def _image_size(c: _Ctx) -> tuple[int, int, int]:
     ch = int(c.first(v, "num_channels", "in_channels", "in_chans", "input_channels", default=3))
     s = c.first(v, "image_size", "img_size", "input_size", "crop_size", default=None)
     if s is None:
-        s = c.first(c.config, "image_size", default=64)
+        s = c.first(c.config, "image_size", default=None) or _strict_image_size(c.model) or 64
     if isinstance(s, dict):
         s = (s.get("height", 64), s.get("width", 64))
     if isinstance(s, (list, tuple)):
@@ -503,6 +534,16 @@ def _image_size(c: _Ctx) -> tuple[int, int, int]:
     else:
         h = w = int(s)
     return ch, h, w
+
+
+def _strict_image_size(model: nn.Module):
+    """The (H, W) a patch embedding insists on (timm's ``strict_img_size``: a wrapped timm ViT
+    whose config names only its architecture), else None."""
+    for m in model.modules():
+        size = getattr(m, "img_size", None)
+        if getattr(m, "strict_img_size", False) is True and isinstance(size, (tuple, list)) and len(size) == 2:
+            return [int(x) for x in size]
+    return None
 
 
 def _grid(c: _Ctx) -> tuple[int, int, int]:
@@ -583,12 +624,33 @@ def _audio_cfg(c: _Ctx):
     return c.sub("audio", "encoder", "speech")
 
 
+# config keys whose product the number of raw samples must be a multiple of (a patching encoder's
+# per-stage patch sizes, a codec's downsampling ratios)
+_SAMPLE_MULTIPLES = ("patch_sizes", "downsampling_ratios")
+# (config key, factor): feature frames come in whole chunks of key x factor frames (Qwen3-ASR's
+# windowed encoder: n_window * 2)
+_FRAME_CHUNKS = (("n_window", 2),)
+
+
+def _frames(c: _Ctx, a, n: int = 32) -> int:
+    for key, f in _FRAME_CHUNKS:
+        m = c.first(a, key, default=None)
+        if _is_int(m) and m > 0:
+            n = -(-n // (m * f)) * m * f
+    return n
+
+
 def _input_values(c: _Ctx):
     a = _audio_cfg(c)
     # a second of 16 kHz audio shrunk to what the feature encoder's strides still turn into a few frames
     strides = c.first(a, "conv_stride", default=None)
     hop = math.prod(strides) if isinstance(strides, (list, tuple)) and strides else 320
     n = max(hop * 8, 1600)
+    for key in _SAMPLE_MULTIPLES:  # encoders that cut samples into whole patches of prod(key) samples
+        m = c.first(a, key, default=None)
+        m = math.prod(m) if isinstance(m, (list, tuple)) and m and all(_is_int(x) for x in m) else None
+        if m and m > 1:
+            n = -(-n // m) * m
     chans = c.first(a, "audio_channels", default=None)
     if chans and int(chans) > 1:
         return c.randn(c.batch, int(chans), n)
@@ -605,7 +667,7 @@ def _input_features(c: _Ctx):
         # Whisper-style encoders want exactly 2 x max_source_positions frames (two convs, stride 2)
         frames = 2 * int(src)
         return c.randn(c.batch, int(mel), frames)
-    return c.randn(c.batch, 32, int(mel) * int(c.first(a, "input_channels", default=1)))
+    return c.randn(c.batch, _frames(c, a), int(mel) * int(c.first(a, "input_channels", default=1)))
 
 
 def _bbox(c: _Ctx):
@@ -859,9 +921,10 @@ def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
             c.first(a, "num_mel_bins", default=None) is not None else 1
         alts += [(x, t_axis), (x.transpose(1, 2).contiguous(), 3 - t_axis), (x.transpose(1, 2)[:, None]
                  .contiguous() if t_axis == 2 else x[:, None], 2)]
-        proj = c.first(a, "feature_projection_input_dim", default=None)
-        if proj and t_axis == 1 and int(proj) != x.shape[2]:
-            alts.insert(1, (c.randn(b, x.shape[1], int(proj)).to(x.device), 1))
+        widths = [c.first(a, "feature_projection_input_dim", default=None)] + _stacked_widths(c.model, x.shape[2])
+        for w in dict.fromkeys(int(w) for w in widths if w and int(w) != x.shape[2]):
+            if t_axis == 1:
+                alts.insert(1, (c.randn(b, x.shape[1], w).to(x.device), 1))
     else:
         return [got]
     out = []
@@ -872,6 +935,20 @@ def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
                 g[m] = torch.ones(b, t.shape[axis], dtype=torch.bool, device=t.device)
         out += _image_layouts(c, g)
     return out
+
+
+# frames stacked into one input row: at most this many (low frame rate features stack 2-8)
+MAX_STACK = 8
+
+
+def _stacked_widths(model: nn.Module, bins: int) -> list[int]:
+    """Widths of stacked frames (k consecutive frames of ``bins`` as one row: a low-frame-rate
+    encoder's input, or frames with their deltas) that the model's first linear layer taking a
+    multiple of ``bins`` reads: k x bins where 2 <= k <= MAX_STACK."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.in_features % bins == 0 and 2 <= m.in_features // bins <= MAX_STACK:
+            return [m.in_features]
+    return []
 
 
 def _runs(model: nn.Module, inputs: dict) -> bool:

@@ -5,6 +5,8 @@ the generic path here (their tasks; the full check of each is marked slow)."""
 from __future__ import annotations
 
 
+import math
+
 import pytest
 import torch
 
@@ -351,3 +353,67 @@ def test_a_model_without_forward_is_planned_by_module_rules_and_says_so():
     row = structural_job("chameleon_vqgan")
     assert row["status"] == "pass" and row["tracer"] == "modules"
     assert row["plan_from"] == "modules (no forward)"
+
+
+def test_build_turns_the_kv_cache_off_for_a_training_forward():
+    """Planning is for training, which builds no KV cache: ``build`` sets ``use_cache=False`` on the
+    config and its sub-configs. A hybrid model whose cache would hold only linear-attention layers
+    (bamba's first layer is mamba) then runs on meta instead of failing in ``get_seq_length``."""
+    model, info = hf.build("bamba", "default", device="meta")
+    assert model.config.use_cache is False
+    vlm, _ = hf.build("llava", "default", device="meta")
+    assert vlm.config.text_config.use_cache is False
+    x = nerofy.example_inputs(model, probe=False)
+    with hf.meta_values(), torch.no_grad():
+        out = model(**x)
+    assert tuple(out.last_hidden_state.shape) == (2, hf.SEQ, model.config.hidden_size)
+
+
+def test_audio_lengths_and_widths_follow_the_config_and_the_input_projection():
+    """Raw samples are a whole number of the patching encoder's patches (prod(patch_sizes)); frames
+    whole chunks of n_window * 2 (Qwen3-ASR); stacked frames (k x mel bins) are the width of the
+    first linear layer that reads a multiple of the bins (low-frame-rate encoders: 7 x 80)."""
+    with torch.device("meta"):
+        spark = hf.model_class("muse_spark_audio")(hf.default_config("muse_spark_audio"))
+        asr = hf.model_class("qwen3_asr_encoder")(hf.default_config("qwen3_asr_encoder"))
+        lfr = hf.model_class("fun_asr_nano_encoder")(hf.default_config("fun_asr_nano_encoder"))
+    n = nerofy.example_inputs(spark, probe=False)["input_values"].shape[-1]
+    assert n % math.prod(spark.config.patch_sizes) == 0
+    shapes = [tuple(x["input_features"].shape) for x in hf.input_layouts(asr)]
+    assert (2, asr.config.num_mel_bins, 2 * asr.config.n_window) in shapes  # (batch, bins, frames)
+    x = nerofy.example_inputs(lfr)
+    assert x["input_features"].shape[-1] == lfr.config.num_mel_bins * lfr.config.num_stacked_frames
+    with hf.meta_values(), torch.no_grad():
+        out = lfr(**x)
+    assert out.last_hidden_state.shape[:2] == x["input_features"].shape[:2]
+
+
+def test_pooled_image_tokens_fit_the_shrunk_patch_grid():
+    """Gemma3's projector pools the (image_size / patch_size)-square patch grid to
+    mm_tokens_per_image tokens: the tokens per side must divide the grid's side, or the pooling
+    kernel is 0 ('stride should not be zero'). The shrunk config's fit, and the model runs."""
+    small = hf.shrink_config(hf.default_config("gemma3"), 2)
+    grid = small.vision_config.image_size // small.vision_config.patch_size
+    side = math.isqrt(small.mm_tokens_per_image)
+    assert side * side == small.mm_tokens_per_image and grid % side == 0
+    model, info = hf.build("gemma3", "small")
+    assert info["level"] == 2 and model.config.mm_tokens_per_image == small.mm_tokens_per_image
+    x = nerofy.example_inputs(model)
+    assert (x["input_ids"] == model.config.image_token_id).sum() == 2 * small.mm_tokens_per_image
+
+
+def test_images_take_the_size_a_strict_patch_embedding_insists_on():
+    """A wrapped timm ViT (pe_video's vision: TimmWrapperConfig names only the architecture) asserts
+    its own image size: with no image size in the config, the frames take that size."""
+    with torch.device("meta"):
+        model = hf.model_class("pe_video_encoder")(hf.default_config("pe_video_encoder"))
+    x = nerofy.example_inputs(model, probe=False)
+    size = next(m.img_size for m in model.modules() if getattr(m, "strict_img_size", False) is True)
+    assert tuple(x["pixel_values_videos"].shape[-2:]) == tuple(size) == (336, 336)
+
+
+def test_an_audio_towers_output_dim_shrinks_with_the_text_width():
+    """An audio tower's ``output_dim`` is the width its features enter the text model at: capped like
+    the other widths, so the shrunk tower's features fill the shrunk text model's placeholders."""
+    small = hf.shrink_config(hf.default_config("qwen3_asr"), 2)
+    assert small.audio_config.output_dim == small.get_text_config().hidden_size == 32
