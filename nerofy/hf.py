@@ -438,6 +438,10 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
         try:
             small = shrink_config(config, level)
             n = _count_meta(cls, small)
+            if n > max_small_params:  # size kept in keys no rule names: read them off the model
+                from .hf_shrink import fit_params
+                small = fit_params(cls, small, max_small_params // 4, _count_meta, hard=max_small_params)
+                n = _count_meta(cls, small)
             if n > max_small_params:
                 raise ValueError(f"{n / 1e6:.1f}M parameters > {max_small_params / 1e6:.0f}M")
             with torch.device(device or "cpu"):
