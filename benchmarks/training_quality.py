@@ -65,6 +65,7 @@ Configurations (``--configs``; each gets the plain model built right after torch
                          the same axis-0 convention), opt.project_() once before training.
   AdamW default          torch.optim.AdamW(lr=1e-3), torch's weight_decay 0.01
   AdamW 3e-3             AdamW lr 3e-3
+  AdamW 3e-4             AdamW lr 3e-4 (with 1e-3 and 3e-3: AdamW tuned over three rates)
   Adam 1e-3              torch.optim.Adam(lr=1e-3)   (MLP benches only)
 A config whose builder (or training) raises is recorded as an "error" row with the message; the sweep goes on.
 
@@ -320,6 +321,7 @@ CONFIGS = {
     "nerofy.Nero dim0": _nerofy_nero,
     "AdamW default": _torch(torch.optim.AdamW, 1e-3),
     "AdamW 3e-3": _torch(torch.optim.AdamW, 3e-3),
+    "AdamW 3e-4": _torch(torch.optim.AdamW, 3e-4),
     "Adam 1e-3": _torch(torch.optim.Adam, 1e-3),
 }
 BASELINE = "paper Nero"
