@@ -41,6 +41,7 @@ Configurations (``--configs``; each gets the plain model built right after torch
   nerofy clip 1 neurons 3 elements   ... and clip 3 for elementwise ones
   nerofy beta 0.99       ... beta=0.99: a faster running average (the paper's is 0.999)
   nerofy lr 0.005        ... lr=0.005
+  nerofy lr 0.02         ... lr=0.02
   nerofy spike C B       experiment (C 2 or 1.5, B 0.9 or 0.99): before Nero's step, each neuron's gradient
                          is shortened to at most C times the rms of its recent norms (an EMA with beta B of
                          the shortened norms^2; ZClip-style spike clipping per neuron), Nero's clip 2 behind it
@@ -310,6 +311,7 @@ CONFIGS = {
     "nerofy spike 1.5 0.9": _spike(1.5, 0.9),
     "nerofy spike 2 0.99": _spike(2.0, 0.99),
     "nerofy lr 0.005": lambda model, ex: nerofy.wrap(model, lr=0.005, example_inputs=ex),
+    "nerofy lr 0.02": lambda model, ex: nerofy.wrap(model, lr=0.02, example_inputs=ex),
     "nerofy unit-gain": _wrap(scale="unit"),
     "nerofy signal-gain": _wrap(scale="signal"),
     "nerofy tables free": _tables(False),

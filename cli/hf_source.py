@@ -199,7 +199,7 @@ def _plan_for_real(name: str, head: str | None, model, row: dict, stage: Callabl
     except Exception as e:  # noqa: BLE001
         errors.append(f"small build: {jobs._err(e)}")
     else:
-        small_inputs = hf.example_inputs(small)
+        small_inputs = info["inputs"] or hf.example_inputs(small)  # the probe's: its layouts already tried
         row["error"], row["inputs"] = "", _shapes(small_inputs)
         row["status"] = jobs.structural(small, row, stage, plan_from=(small, small_inputs))
         row["small_params"], row["shrink_level"] = row["total_params"], info["level"]

@@ -139,7 +139,7 @@ SHRINK_RULES: tuple[Rule, ...] = (
     Rule(r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads"
          r"|.+_n_heads", 2),
     Rule(r"head_dim|d_kv|attention_head_size|d_head|qk_rope_head_dim|qk_nope_head_dim|v_head_dim|kv_lora_rank"
-         r"|q_lora_rank", 16),
+         r"|q_lora_rank|rotary_dim", 16),
     Rule(r"intermediate_size|ffn_dim|d_ff|d_inner|dff|n_inner|hidden_dim|.+_ffn_dim|.+_intermediate_size", 64),
     Rule(r"max_position_embeddings|n_positions|n_ctx|max_seq_len|max_sequence_length", 512),
     # encoder frames / decoder positions of speech seq2seq (whisper's encoder takes exactly 2 x source)
@@ -254,20 +254,83 @@ def _fit_mrope_dict(d: dict) -> None:
         rope["mrope_section"] = _fit_sections(rope["mrope_section"], target)
 
 
+_KV_HEADS = SHRINK_RULES[5].pattern
+_HEAD_COUNT = SHRINK_RULES[6].pattern
+COUPLE_MIN = 32  # default values at least this large, shrunk to at least 16: widths, not counts
+
+
+def _ruled(key: str) -> bool:
+    return any(re.fullmatch(r.pattern, key) for r in SHRINK_RULES) or key == "vocab_size" or bool(_TOKEN_KEY.match(key))
+
+
+def _couple(d: dict, small: dict) -> dict:
+    """Keys the default config ties by value keep the tie after the rules shrink one of them:
+
+    - a config with as many key/value heads as heads (multi-head attention: latent attention builds
+      its keys per head) keeps kv heads = heads, instead of the rules' grouped default;
+    - a width no rule names (``projector_dim``, ``text_hidden_size`` of another tower) that equals,
+      in the default config, a width a rule shrank takes its new value: from the same (sub)config
+      if the value there shrank one way, else from the whole config if it shrank one way there.
+      Only values of at least ``COUPLE_MIN`` that shrank to 16 or more (widths): small counts
+      (depths, heads, experts) coincide by chance."""
+    def leaves(a, b, path=()):
+        for k, v in a.items():
+            if isinstance(k, str) and k not in ("id2label", "label2id") and k in b:
+                if isinstance(v, dict) and isinstance(b[k], dict):
+                    yield from leaves(v, b[k], path + (k,))
+                elif _is_int(v) and _is_int(b[k]):
+                    yield path, k, v, b[k]
+
+    def node(path):
+        out = small
+        for k in path:
+            out = out[k]
+        return out
+
+    local: dict[tuple, dict[int, set]] = {}
+    every: dict[int, set] = {}
+    for path, k, v, new in leaves(d, small):
+        if _ruled(k) and v >= COUPLE_MIN and 16 <= new < v:
+            local.setdefault(path, {}).setdefault(v, set()).add(new)
+            every.setdefault(v, set()).add(new)
+    for path, k, v, new in list(leaves(d, small)):
+        if _ruled(k) or new != v or v < COUPLE_MIN:
+            continue
+        got = local.get(path, {}).get(v) or every.get(v)
+        if got and len(got) == 1:
+            node(path)[k] = next(iter(got))
+    # multi-head attention stays multi-head
+    for path, k, v, new in list(leaves(d, small)):
+        if not re.fullmatch(_KV_HEADS, k):
+            continue
+        orig = {kk: vv for kk, vv in _items(d, path)}
+        heads = {node(path)[h] for h, hv in orig.items() if h != k and _is_int(hv) and hv == v
+                 and re.fullmatch(_HEAD_COUNT, h) and not re.fullmatch(_KV_HEADS, h)}
+        if len(heads) == 1:
+            node(path)[k] = next(iter(heads))
+    return small
+
+
+def _items(d: dict, path):
+    for k in path:
+        d = d[k]
+    return d.items()
+
+
 def shrink_config(config, level: int = 2):
     """A copy of ``config`` (a ``PretrainedConfig``, sub-configs included) with depth, widths,
     heads, experts and vocabulary capped by ``SHRINK_RULES`` up to ``level`` (0: depth and experts;
     1: + widths, heads, vocabulary; 2: + image sizes and per-stage lists). Only ever shrinks."""
     d = config.to_dict()
     max_token = max(_token_ids(d), default=0)
-    small = _shrink_dict(d, level, max_token)
+    small = _couple(d, _shrink_dict(d, level, max_token))
     for k in ("transformers_version", "_name_or_path", "architectures"):
         small.pop(k, None)
         d.pop(k, None)
     try:
         out = type(config).from_dict(small)
     except Exception as e:  # noqa: BLE001 - a config class's own validation (heads must divide ...)
-        small = _shrink_dict(d, level, max_token, alt=True)  # the rules' second choices (Rule.alt)
+        small = _couple(d, _shrink_dict(d, level, max_token, alt=True))  # the rules' second choices (Rule.alt)
         for k in ("transformers_version", "_name_or_path", "architectures"):
             small.pop(k, None)
         try:
@@ -421,8 +484,9 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
     """``(model, info)`` for a config type. ``size="default"``: the default config (use
     ``device="meta"`` for a full-size model with no memory). ``size="small"``: the default config
     shrunk at the highest level whose model builds, stays under ``max_small_params`` and runs
-    forward on its ``example_inputs`` (``probe``); ``info["level"]`` says which, ``info["tried"]``
-    why the higher ones were left. Raises the last level's error when none works."""
+    forward on its ``example_inputs`` (``probe``; ``info["inputs"]``, None without the probe);
+    ``info["level"]`` says which, ``info["tried"]`` why the higher ones were left. Raises the last
+    level's error when none works."""
     if size not in ("small", "default"):
         raise ValueError(f"size must be 'small' or 'default', got {size!r}")
     cls = model_class(model_type, head)
@@ -440,17 +504,18 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
             n = _count_meta(cls, small)
             if n > max_small_params:  # size kept in keys no rule names: read them off the model
                 from .hf_shrink import fit_params
-                small = fit_params(cls, small, max_small_params // 4, _count_meta, hard=max_small_params)
-                n = _count_meta(cls, small)
+                small, n = fit_params(cls, small, max_small_params // 4, _count_meta, hard=max_small_params)
             if n > max_small_params:
                 raise ValueError(f"{n / 1e6:.1f}M parameters > {max_small_params / 1e6:.0f}M")
             with torch.device(device or "cpu"):
                 model = cls(small).eval()
+            inputs = None
             if probe:
+                inputs = example_inputs(model)
                 with torch.no_grad():
-                    model(**example_inputs(model))
+                    model(**inputs)
             return model, {"level": level, "config": small, "class": cls.__name__, "tried": tried,
-                           "assigned": assigned}
+                           "assigned": assigned, "inputs": inputs}
         except Exception as e:  # noqa: BLE001 - any failure means: shrink less
             err = e
             tried.append(f"level {level}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
@@ -562,7 +627,7 @@ def _patch_width(c: _Ctx) -> int:
     ch = int(c.first(v, "in_channels", "num_channels", "in_chans", default=3))
     p = c.first(v, "patch_size", default=14)
     p = int(p[0] if isinstance(p, (list, tuple)) else p)
-    tp = int(c.first(v, "temporal_patch_size", default=1) or 1)
+    tp = int(c.first(v, "temporal_patch_size", "patch_temporal", "temporal_patch", default=1) or 1)
     return ch * tp * p * p
 
 
@@ -636,11 +701,15 @@ _SAMPLE_MULTIPLES = ("patch_sizes", "downsampling_ratios")
 _FRAME_CHUNKS = (("n_window", 2),)
 
 
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
 def _frames(c: _Ctx, a, n: int = 32) -> int:
     for key, f in _FRAME_CHUNKS:
         m = c.first(a, key, default=None)
         if _is_int(m) and m > 0:
-            n = -(-n // (m * f)) * m * f
+            n = _round_up(n, m * f)
     return n
 
 
@@ -654,7 +723,7 @@ def _input_values(c: _Ctx):
         m = c.first(a, key, default=None)
         m = math.prod(m) if isinstance(m, (list, tuple)) and m and all(_is_int(x) for x in m) else None
         if m and m > 1:
-            n = -(-n // m) * m
+            n = _round_up(n, m)
     chans = c.first(a, "audio_channels", default=None)
     if chans and int(chans) > 1:
         return c.randn(c.batch, int(chans), n)

@@ -146,7 +146,8 @@ def _by_dims(d: dict, dims: dict[int, int], f: int) -> dict | None:
 
 def fit_params(cls, config, limit: int, count: Callable, log: list | None = None, hard: int | None = None):
     """``config`` (already shrunk) with further size keys divided until ``count(cls, config)`` is at
-    most ``limit``; returns the smallest config reached (the input where nothing shrinks it).
+    most ``limit``; returns ``(config, count)`` for the smallest config reached (the input where
+    nothing shrinks it).
     Sensitivity rounds (a meta build per probe) run only while the count is over ``hard`` (default
     ``limit``). ``log`` collects (path, old, new) of each change kept."""
     hard = limit if hard is None else hard
@@ -173,7 +174,7 @@ def fit_params(cls, config, limit: int, count: Callable, log: list | None = None
             new = got[0].to_dict()
             log += [(p, v, _get(new, p)) for p, v in _leaves(d) if _safe_get(new, p) != v]
         best, n = got
-    return best
+    return best, n
 
 
 def _safe_get(d, path):

@@ -82,7 +82,7 @@ def test_shrunk_config_is_smaller_and_builds(t, small):
 def test_shrink_rules_cap_depth_width_heads_experts_and_every_sub_config():
     llama = hf.shrink_config(hf.default_config("llama"))
     assert (llama.num_hidden_layers, llama.hidden_size, llama.num_attention_heads, llama.intermediate_size) == (2, 32, 2, 64)
-    assert llama.num_key_value_heads == 1 and llama.vocab_size == 256
+    assert llama.num_key_value_heads == llama.num_attention_heads and llama.vocab_size == 256
     mixtral = hf.shrink_config(hf.default_config("mixtral"))
     assert mixtral.num_local_experts == 4 and mixtral.num_experts_per_tok == 2
     clip = hf.shrink_config(hf.default_config("clip"))
@@ -417,3 +417,13 @@ def test_an_audio_towers_output_dim_shrinks_with_the_text_width():
     the other widths, so the shrunk tower's features fill the shrunk text model's placeholders."""
     small = hf.shrink_config(hf.default_config("qwen3_asr"), 2)
     assert small.audio_config.output_dim == small.get_text_config().hidden_size == 32
+
+
+def test_flattened_patches_take_the_temporal_patch_whatever_its_key():
+    # Qwen2-VL-style towers read C x T x P x P values per patch; some configs name T patch_temporal
+    model, _ = hf.build("muse_spark_vision", "small")
+    x = hf.example_inputs(model)
+    v = model.config
+    assert x["pixel_values"].shape[-1] == 3 * v.patch_temporal * v.patch_size ** 2
+    with torch.no_grad():
+        model(**x)

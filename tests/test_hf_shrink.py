@@ -32,8 +32,8 @@ def test_unnamed_size_keys_are_found_from_tensor_dims(name, key):
     before = hf._count_meta(cls, small)
     assert before > LIMIT  # the rules alone leave it big
     log = []
-    fitted = hf_shrink.fit_params(cls, small, LIMIT // 4, hf._count_meta, log)
-    assert hf._count_meta(cls, fitted) <= LIMIT // 4
+    fitted, n = hf_shrink.fit_params(cls, small, LIMIT // 4, hf._count_meta, log)
+    assert n == hf._count_meta(cls, fitted) <= LIMIT // 4
     assert any(p[-1] == key for p, _, _ in log), log
     assert getattr(fitted, key) < getattr(small, key)
 
@@ -41,10 +41,10 @@ def test_unnamed_size_keys_are_found_from_tensor_dims(name, key):
 def test_validator_tied_keys_are_repaired_together():
     # mamba2 validates hidden_size * expand == num_heads * head_dim: hidden alone is refused
     cls, small = _shrunk("mamba2")
-    fitted = hf_shrink.fit_params(cls, small, LIMIT // 4, hf._count_meta)
+    fitted, n = hf_shrink.fit_params(cls, small, LIMIT // 4, hf._count_meta)
     assert fitted.hidden_size < small.hidden_size
     assert fitted.hidden_size * fitted.expand == fitted.num_heads * fitted.head_dim
-    assert hf._count_meta(cls, fitted) <= LIMIT
+    assert n == hf._count_meta(cls, fitted) <= LIMIT
 
 
 def test_build_fits_and_runs_forward():
@@ -58,4 +58,32 @@ def test_build_fits_and_runs_forward():
 def test_under_budget_configs_are_left_alone():
     cls, small = _shrunk("bert")
     assert hf._count_meta(cls, small) <= LIMIT
-    assert hf_shrink.fit_params(cls, small, LIMIT, hf._count_meta) is small
+    fitted, n = hf_shrink.fit_params(cls, small, LIMIT, hf._count_meta)
+    assert fitted is small and n == hf._count_meta(cls, small)
+
+
+def test_multi_head_attention_stays_multi_head():
+    # latent attention (deepseek_v3: kv heads == heads by default) builds its keys per head: the
+    # rules' grouped default (1 kv head for 2 heads) would not run; grouped configs stay grouped
+    mla = hf.shrink_config(hf.default_config("deepseek_v3"), 2)
+    assert mla.num_key_value_heads == mla.num_attention_heads == 2
+    gqa = hf.shrink_config(hf.default_config("mixtral"), 2)
+    assert gqa.num_key_value_heads < gqa.num_attention_heads
+
+
+def test_widths_no_rule_names_follow_the_width_they_equal():
+    # gemma2: query_pre_attn_scalar == head_dim (256) by default; codegen's rotary_dim must fit the head
+    g = hf.shrink_config(hf.default_config("gemma2"), 2)
+    assert g.query_pre_attn_scalar == g.head_dim == 16
+    c = hf.shrink_config(hf.default_config("codegen"), 2)
+    assert c.rotary_dim <= c.n_embd // c.n_head
+    model, _ = hf.build("codegen", "small")
+    with torch.no_grad():
+        model(**hf.example_inputs(model))
+
+
+def test_small_counts_are_not_coupled():
+    # only widths couple: a value of 2 or 4 in one key says nothing about another key of 2
+    d = {"hidden_size": 4096, "some_width": 4096, "num_hidden_layers": 32, "some_count": 32, "other": 100}
+    small = hf._couple(d, {**d, "hidden_size": 32, "num_hidden_layers": 2})
+    assert small["some_width"] == 32 and small["some_count"] == 32 and small["other"] == 100
