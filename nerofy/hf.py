@@ -264,6 +264,7 @@ def _ruled(key: str) -> bool:
 
 
 def _couple(d: dict, small: dict) -> dict:
+
     """Keys the default config ties by value keep the tie after the rules shrink one of them:
 
     - a config with as many key/value heads as heads (multi-head attention: latent attention builds
@@ -273,6 +274,8 @@ def _couple(d: dict, small: dict) -> dict:
       if the value there shrank one way, else from the whole config if it shrank one way there.
       Only values of at least ``COUPLE_MIN`` that shrank to 16 or more (widths): small counts
       (depths, heads, experts) coincide by chance."""
+    from .hf_shrink import _get
+
     def leaves(a, b, path=()):
         for k, v in a.items():
             if isinstance(k, str) and k not in ("id2label", "label2id") and k in b:
@@ -280,12 +283,6 @@ def _couple(d: dict, small: dict) -> dict:
                     yield from leaves(v, b[k], path + (k,))
                 elif _is_int(v) and _is_int(b[k]):
                     yield path, k, v, b[k]
-
-    def node(path):
-        out = small
-        for k in path:
-            out = out[k]
-        return out
 
     local: dict[tuple, dict[int, set]] = {}
     every: dict[int, set] = {}
@@ -298,23 +295,16 @@ def _couple(d: dict, small: dict) -> dict:
             continue
         got = local.get(path, {}).get(v) or every.get(v)
         if got and len(got) == 1:
-            node(path)[k] = next(iter(got))
+            _get(small, path)[k] = next(iter(got))
     # multi-head attention stays multi-head
     for path, k, v, new in list(leaves(d, small)):
         if not re.fullmatch(_KV_HEADS, k):
             continue
-        orig = {kk: vv for kk, vv in _items(d, path)}
-        heads = {node(path)[h] for h, hv in orig.items() if h != k and _is_int(hv) and hv == v
+        heads = {_get(small, path)[h] for h, hv in _get(d, path).items() if h != k and _is_int(hv) and hv == v
                  and re.fullmatch(_HEAD_COUNT, h) and not re.fullmatch(_KV_HEADS, h)}
         if len(heads) == 1:
-            node(path)[k] = next(iter(heads))
+            _get(small, path)[k] = next(iter(heads))
     return small
-
-
-def _items(d: dict, path):
-    for k in path:
-        d = d[k]
-    return d.items()
 
 
 def shrink_config(config, level: int = 2):
