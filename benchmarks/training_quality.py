@@ -257,6 +257,16 @@ def _tables(balanced: bool):
     return build
 
 
+def _zero_bias(model, ex):
+    """Experiment: every bias starts at 0 (PyTorch's U(+-1/sqrt(fan_in)) init dominates a deep
+    centred ReLU net's signal from ~15 layers on, so the output hardly depends on the input)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.zero_()
+    return nerofy.wrap(model, lr=0.01, example_inputs=ex)
+
+
 def _gpt2_gelu_gain(model, ex):
     """An experiment, not a rule: HF GPT-2's gelu_new is built from elementary ops, so the plan
     finds no activation feeding mlp.c_proj; give it the gain its tanh-GELU would get."""
@@ -312,6 +322,7 @@ CONFIGS = {
     "nerofy spike 2 0.99": _spike(2.0, 0.99),
     "nerofy lr 0.005": lambda model, ex: nerofy.wrap(model, lr=0.005, example_inputs=ex),
     "nerofy lr 0.02": lambda model, ex: nerofy.wrap(model, lr=0.02, example_inputs=ex),
+    "nerofy zero bias": _zero_bias,
     "nerofy unit-gain": _wrap(scale="unit"),
     "nerofy signal-gain": _wrap(scale="signal"),
     "nerofy tables free": _tables(False),
