@@ -304,6 +304,7 @@ def check_job(name: str, stage: Callable[..., None] | None = None, *, steps: int
         row["model_class"] = info["class"]
         row["family"] = task_of(name, model.config, type(model))
         row["shrink_level"], row["shrink_tried"] = info["level"], info["tried"]
+        row["shrink_layer_kinds"] = info["layer_kinds"]  # False: the first layers (every kind failed: shrink_tried)
         inputs = hf.example_inputs(model, batch=batch, seed=seed)
         row["inputs"] = _shapes(inputs)
     except Exception as e:  # noqa: BLE001

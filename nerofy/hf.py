@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import itertools
 import math
 import re
 from dataclasses import dataclass
@@ -124,20 +125,27 @@ def _stage_width(v: int, i: int) -> int:
 # Level 1 shrinks depth, widths, heads, experts and the vocabulary; level 2 also image sizes,
 # per-stage lists and convolution widths. A model that does not build or run at one level is tried
 # at the next lower one (build()).
+_DEPTH = (r"num_hidden_layers|num_layers|n_layers?|(en|de)coder_layers|num_(en|de)coder_layers|num_.+_layers|.+_num_layers"
+          r"|num_blocks|depth")
+# layers that reuse an earlier layer's key/value cache: the layers below them must hold every layer
+# type (gemma3n checks it), which a 2-layer model cannot, so the small model shares none
+_KV_SHARED = r"num_kv_shared_layers|num_shared_kv_layers|.+_kv_shared_layers"
+_KV_HEADS = r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads"
+_HEAD_COUNT = (r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads"
+               r"|.+_n_heads")
 SHRINK_RULES: tuple[Rule, ...] = (
+    Rule(_KV_SHARED, 0, 0),
     # depth (a floor of 2 keeps "every other layer" patterns and the last-but-one feature layer)
-    Rule(r"num_hidden_layers|num_layers|n_layers?|(en|de)coder_layers|num_(en|de)coder_layers|num_.+_layers|.+_num_layers"
-         r"|num_blocks|depth", 2, 0),
+    Rule(_DEPTH, 2, 0),
     Rule(r"num_experts|num_local_experts|n_routed_experts|moe_num_experts", 4, 0),
-    Rule(r"num_experts_per_tok|moe_topk|num_selected_experts|top_k|moe_k", 2, 0),
-    Rule(r"n_group|topk_group|n_shared_experts", 1, 0),
+    Rule(r"num_experts_per_tok|num_experts_per_token|moe_topk|num_selected_experts|top_k|moe_k", 2, 0),
+    Rule(r"n_group|num_expert_group|topk_group|n_shared_experts", 1, 0),
     # widths: hidden 32 = 2 heads x 16
     Rule(r"hidden_size|d_model|n_embd|embed_dim|dim|word_embed_proj_dim|embedding_size|projection_dim|proj_dim"
          r"|text_embed_dim|vision_embed_dim|d_latents|.+_hidden_size|output_dim", 32),
     # key/value heads before the head counts (num_.+_heads would match them): 2 heads, 1 kv head (GQA)
-    Rule(r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads", 1, alt=2),  # alt: as many as heads
-    Rule(r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads"
-         r"|.+_n_heads", 2),
+    Rule(_KV_HEADS, 1, alt=2),  # alt: as many as heads
+    Rule(_HEAD_COUNT, 2),
     Rule(r"head_dim|d_kv|attention_head_size|d_head|qk_rope_head_dim|qk_nope_head_dim|v_head_dim|kv_lora_rank"
          r"|q_lora_rank|rotary_dim", 16),
     Rule(r"intermediate_size|ffn_dim|d_ff|d_inner|dff|n_inner|hidden_dim|.+_ffn_dim|.+_intermediate_size", 64),
@@ -186,10 +194,9 @@ def _new_value(key: str, v, level: int, alt: bool = False):
     return v
 
 
-_DEPTH = SHRINK_RULES[0].pattern
 
 
-def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False) -> dict:
+def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: bool = True) -> dict:
     out = {}
     depth: dict[int, int] = {}
     # a count of stages (swin's num_layers = len(depths)) is not a depth: it stays
@@ -198,27 +205,48 @@ def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False) -> dict
         if not isinstance(k, str) or k in ("id2label", "label2id"):
             out[k] = v
         elif isinstance(v, dict):
-            out[k] = _shrink_dict(v, level, max_token, alt)
+            out[k] = _shrink_dict(v, level, max_token, alt, kinds)
         elif k == "vocab_size" and _is_int(v):
             # special ids (image tokens at 151655...) must index the table: some default configs
             # put them one past it (llava: 32000 of 32000), which only a checkpoint's resize fixes
             out[k] = max(min(v, 256) if level >= 1 else v, max_token + 1)
         else:
             out[k] = v if (_is_int(v) and v in stages and re.fullmatch(_DEPTH, k)) else _new_value(k, v, level, alt)
-            if _is_int(v) and out[k] != v and re.fullmatch(_DEPTH, k):
+            if _is_int(v) and out[k] != v and re.fullmatch(_DEPTH, k) and not re.fullmatch(_KV_SHARED, k):
                 depth[v] = out[k]
     # lists with one entry per layer (layer_types, per-layer windows) follow the new depth, and so do
     # dicts keyed by layer index (per_layer_config: {5: {...}, 11: {...}})
     for old, new in depth.items():
+        lists = [k for k, v in out.items() if isinstance(v, list) and len(v) == old and k != "depths"]
+        keep = _kept_layers([out[k] for k in lists], new) if kinds else list(range(new))
+        for k in lists:
+            out[k] = [out[k][i] for i in keep]
         for k, v in out.items():
-            if isinstance(v, list) and len(v) == old and k != "depths":
-                out[k] = v[:new]
+            if isinstance(v, list):
+                continue
             elif isinstance(v, dict) and v and all(_layer_index(i) is not None for i in v) \
                     and max(_layer_index(i) for i in v) < old:
                 out[k] = {i: x for i, x in v.items() if _layer_index(i) < new}
     if level >= 1:
         _fit_mrope_dict(out)
     return out
+
+
+def _kept_layers(lists: list[list], new: int) -> list[int]:
+    """Which ``new`` of the layers the per-layer ``lists`` describe a shrunk model keeps: the first
+    layer of each kind (each distinct entry of a list of names, ``layer_types``' "full_attention"
+    after four "sliding_attention"), then the earliest others, in layer order; the same layers
+    for every list, so that they stay aligned. A cut to the first ``new`` layers would drop every
+    kind that first appears later (a 2-layer model of all-sliding layers)."""
+    old = len(lists[0]) if lists else 0
+    first: dict = {}
+    for v in lists:
+        if all(isinstance(x, str) for x in v):
+            for i, x in enumerate(v):
+                first.setdefault((id(v), x), i)
+    keep = sorted(set(first.values()))[:new]
+    keep += [i for i in range(old) if i not in keep][:new - len(keep)]
+    return sorted(keep)
 
 
 def _layer_index(k) -> int | None:
@@ -254,8 +282,6 @@ def _fit_mrope_dict(d: dict) -> None:
         rope["mrope_section"] = _fit_sections(rope["mrope_section"], target)
 
 
-_KV_HEADS = SHRINK_RULES[5].pattern
-_HEAD_COUNT = SHRINK_RULES[6].pattern
 COUPLE_MIN = 32  # default values at least this large, shrunk to at least 16: widths, not counts
 
 
@@ -307,20 +333,22 @@ def _couple(d: dict, small: dict) -> dict:
     return small
 
 
-def shrink_config(config, level: int = 2):
+def shrink_config(config, level: int = 2, kinds: bool = True):
     """A copy of ``config`` (a ``PretrainedConfig``, sub-configs included) with depth, widths,
     heads, experts and vocabulary capped by ``SHRINK_RULES`` up to ``level`` (0: depth and experts;
-    1: + widths, heads, vocabulary; 2: + image sizes and per-stage lists). Only ever shrinks."""
+    1: + widths, heads, vocabulary; 2: + image sizes and per-stage lists). Only ever shrinks.
+    ``kinds``: the fewer layers keep one of each kind the per-layer lists name (``_kept_layers``);
+    False: the first layers."""
     d = config.to_dict()
     max_token = max(_token_ids(d), default=0)
-    small = _couple(d, _shrink_dict(d, level, max_token))
+    small = _couple(d, _shrink_dict(d, level, max_token, kinds=kinds))
     for k in ("transformers_version", "_name_or_path", "architectures"):
         small.pop(k, None)
         d.pop(k, None)
     try:
         out = type(config).from_dict(small)
     except Exception as e:  # noqa: BLE001 - a config class's own validation (heads must divide ...)
-        small = _couple(d, _shrink_dict(d, level, max_token, alt=True))  # the rules' second choices (Rule.alt)
+        small = _couple(d, _shrink_dict(d, level, max_token, alt=True, kinds=kinds))  # the rules' second choices (Rule.alt)
         for k in ("transformers_version", "_name_or_path", "architectures"):
             small.pop(k, None)
         try:
@@ -488,9 +516,15 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
             return cls(config).eval(), {"level": None, "config": config, "class": cls.__name__, "assigned": assigned}
     tried: list[str] = []
     err: Exception | None = None
-    for level in (2, 1, 0):
+    # at each level, first the layers of every kind; where those fail (a kind the default config
+    # cannot build, a tie that needs two layers of a kind), the first layers, and info says why
+    shrunk: dict = {}
+    for level, kinds in itertools.product((2, 1, 0), (True, False)):
         try:
-            small = shrink_config(config, level)
+            small = shrink_config(config, level, kinds)
+            if not kinds and small.to_dict() == shrunk.get(level):
+                continue  # the same layers either way: already tried
+            shrunk[level] = small.to_dict()
             n = _count_meta(cls, small)
             if n > max_small_params:  # size kept in keys no rule names: read them off the model
                 from .hf_shrink import fit_params
@@ -505,10 +539,11 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
                 with torch.no_grad():
                     model(**inputs)
             return model, {"level": level, "config": small, "class": cls.__name__, "tried": tried,
-                           "assigned": assigned, "inputs": inputs}
+                           "assigned": assigned, "inputs": inputs, "layer_kinds": kinds}
         except Exception as e:  # noqa: BLE001 - any failure means: shrink less
             err = e
-            tried.append(f"level {level}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
+            what = f"level {level}" + ("" if kinds else ", first layers")
+            tried.append(f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
     assert err is not None
     raise type(err)(f"{model_type}: no shrink level builds and runs ({'; '.join(tried)})") from err
 

@@ -87,3 +87,21 @@ def test_small_counts_are_not_coupled():
     d = {"hidden_size": 4096, "some_width": 4096, "num_hidden_layers": 32, "some_count": 32, "other": 100}
     small = hf._couple(d, {**d, "hidden_size": 32, "num_hidden_layers": 2})
     assert small["some_width"] == 32 and small["some_count"] == 32 and small["other"] == 100
+
+
+def test_per_layer_lists_keep_every_kind_of_layer_aligned():
+    # the first layer of each kind, then the earliest others, the same layers for every list
+    lists = [["s", "s", "s", "f", "s", "f"], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]]
+    assert hf._kept_layers(lists, 2) == [0, 3]
+    assert hf._kept_layers(lists, 3) == [0, 1, 3]
+    assert hf._kept_layers([[1, 2, 3]], 2) == [0, 1]  # numbers are not kinds: the first layers
+    # a real config: gemma3n's 4 sliding + 1 full pattern, 15 of 35 layers sharing a cache
+    small = hf.shrink_config(hf.default_config("gemma3n_text"), 2)
+    assert small.num_hidden_layers == 2
+    assert sorted(small.layer_types) == ["full_attention", "sliding_attention"]
+    assert small.num_kv_shared_layers == 0  # a 2-layer model cannot hold the layers a shared cache needs
+    assert len(small.activation_sparsity_pattern) == 2
+    cls = hf.model_class("gemma3n_text")
+    m = cls(small)
+    out = m(**hf.example_inputs(m))
+    assert torch.isfinite(out.last_hidden_state).all()
