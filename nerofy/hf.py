@@ -519,7 +519,10 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
     # at each level, first the layers of every kind; where those fail (a kind the default config
     # cannot build, a tie that needs two layers of a kind), the first layers, and info says why
     shrunk: dict = {}
+    over: set[int] = set()  # levels over the parameter budget: other layers of the same sizes would be too
     for level, kinds in itertools.product((2, 1, 0), (True, False)):
+        if not kinds and level in over:
+            continue
         try:
             small = shrink_config(config, level, kinds)
             if not kinds and small.to_dict() == shrunk.get(level):
@@ -530,6 +533,7 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
                 from .hf_shrink import fit_params
                 small, n = fit_params(cls, small, max_small_params // 4, _count_meta, hard=max_small_params)
             if n > max_small_params:
+                over.add(level)
                 raise ValueError(f"{n / 1e6:.1f}M parameters > {max_small_params / 1e6:.0f}M")
             with torch.device(device or "cpu"):
                 model = cls(small).eval()
@@ -757,8 +761,10 @@ def _input_values(c: _Ctx):
 
 def _input_features(c: _Ctx):
     a = _audio_cfg(c)
+    # feature_projection_input_dim: the width the first layer reads frames at (stacked mel frames:
+    # SeamlessM4T's 160 = 80 bins x stride 2), where the config holds no bin count
     mel = c.first(a, "num_mel_bins", "feature_size", "input_feat_size", "input_feat_per_channel", "n_mels",
-                  "num_mel_filters",
+                  "num_mel_filters", "feature_projection_input_dim",
                   default=80)
     src = c.first(a, "max_source_positions", default=None)
     if src is not None and c.first(a, "num_mel_bins", default=None) is not None:

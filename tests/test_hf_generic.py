@@ -212,8 +212,18 @@ def test_cli_plan_and_convert_a_transformers_type():
     assert res.exit_code == 1 and "transformers:llama" in res.stderr
 
 
+# old specs the generic path does not yet run (rows in model_zoo_checks/check_transformers.jsonl);
+# strict: a fix turns the xfail into a failure that says to drop it from here
+GENERIC_FAILS = {
+    "nemotron": "its default config leaves num_key_value_heads None: transformers itself cannot build it",
+    "perceiver": "no input rule makes PerceiverModel's modality-specific `inputs`",
+    "reformer": "axial position shapes (64, 64) need a sequence of 4096, the inputs have 16",
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("t", sorted(OLD_SPECS))
+@pytest.mark.parametrize("t", [pytest.param(t, marks=pytest.mark.xfail(reason=GENERIC_FAILS[t], strict=True))
+                               if t in GENERIC_FAILS else t for t in sorted(OLD_SPECS)])
 def test_old_spec_passes_the_full_check_through_the_generic_path(t):
     from nerofy_cli import sources as S
 
@@ -427,3 +437,13 @@ def test_flattened_patches_take_the_temporal_patch_whatever_its_key():
     assert x["pixel_values"].shape[-1] == 3 * v.patch_temporal * v.patch_size ** 2
     with torch.no_grad():
         model(**x)
+
+
+def test_stacked_frame_width_comes_from_the_projection_input_dim():
+    # SeamlessM4T's speech encoder reads frames at feature_projection_input_dim (80 mel bins x
+    # stride 2 = 160) and its config names no bin count: the frames must have that width
+    small = hf.shrink_config(hf.default_config("seamless_m4t"), 2)
+    model = hf.model_class("seamless_m4t", None)(small)
+    ex = hf.example_inputs(model)
+    width = model.speech_encoder.feature_projection.layer_norm.normalized_shape[0]
+    assert ex["input_features"].shape[-1] == width == small.feature_projection_input_dim
