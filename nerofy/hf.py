@@ -14,6 +14,7 @@ import contextlib
 import difflib
 import inspect
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -518,16 +519,23 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
     err: Exception | None = None
     # at each level, first the layers of every kind; where those fail (a kind the default config
     # cannot build, a tie that needs two layers of a kind), the first layers, and info says why
-    shrunk: dict = {}
+    seen: dict[str, tuple[str, int]] = {}  # each shrunk config is tried once (levels often shrink to the same)
     over: set[int] = set()  # levels over the parameter budget: other layers of the same sizes would be too
     for level, kinds in itertools.product((2, 1, 0), (True, False)):
         if not kinds and level in over:
             continue
+        what = f"level {level}" + ("" if kinds else ", first layers")
         try:
             small = shrink_config(config, level, kinds)
-            if not kinds and small.to_dict() == shrunk.get(level):
-                continue  # the same layers either way: already tried
-            shrunk[level] = small.to_dict()
+            key = json.dumps(small.to_dict(), sort_keys=True, default=str)
+            if key in seen:
+                first, at = seen[key]
+                if at in over:
+                    over.add(level)
+                if first != f"level {level}":  # the first layers are the kinds' own: nothing to say
+                    tried.append(f"{what}: the config of {first}")
+                continue
+            seen[key] = (what, level)
             n = _count_meta(cls, small)
             if n > max_small_params:  # size kept in keys no rule names: read them off the model
                 from .hf_shrink import fit_params
@@ -546,7 +554,6 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
                            "assigned": assigned, "inputs": inputs, "layer_kinds": kinds}
         except Exception as e:  # noqa: BLE001 - any failure means: shrink less
             err = e
-            what = f"level {level}" + ("" if kinds else ", first layers")
             tried.append(f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}")
     assert err is not None
     raise type(err)(f"{model_type}: no shrink level builds and runs ({'; '.join(tried)})") from err

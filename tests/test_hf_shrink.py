@@ -105,3 +105,13 @@ def test_per_layer_lists_keep_every_kind_of_layer_aligned():
     m = cls(small)
     out = m(**hf.example_inputs(m))
     assert torch.isfinite(out.last_hidden_state).all()
+
+
+def test_each_shrunk_config_is_tried_once():
+    # a text model has no image sizes or stage lists: levels 2 and 1 shrink it alike, and the
+    # second is not built again (nor fitted to the budget again); the error says so
+    with pytest.raises(ValueError) as e:
+        hf.build("llama", max_small_params=1000)
+    msg = str(e.value)
+    assert "level 2: ValueError" in msg and "level 1: the config of level 2" in msg and "level 0: ValueError" in msg
+    assert "first layers" not in msg  # over the budget: other layers of the same sizes are not tried
