@@ -697,6 +697,23 @@ def _patch_seq(c: _Ctx):
     return c.randn(c.batch, _side(c) ** 2, _patch_width(c))
 
 
+def _embeds_flat_patches(c: _Ctx) -> bool:
+    """The model embeds each patch with a Linear over its flattened values (Fuyu's 30x30x3 = 2700,
+    Molmo2's 14x14x3 = 588) and has no convolution over the image channels to patchify: its
+    pixel_values may be patch sequences (batch, patches, channels x patch^2) rather than images."""
+    v = c.sub("vision")
+    ch, p = c.first(v, "in_channels", "num_channels", "in_chans", default=3), c.first(v, "patch_size", default=None)
+    if not _is_int(ch) or not (_is_int(p) or isinstance(p, (list, tuple)) and p and all(map(_is_int, p))):
+        return False  # per-stage channel lists (EfficientNet's in_channels), no patch size: not a patch model
+    width, linear, conv = _patch_width(c), False, False
+    for m in c.model.modules():
+        if isinstance(m, nn.Linear) and m.in_features == width:
+            linear = True
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.in_channels == ch:
+            conv = True
+    return linear and not conv
+
+
 def _spatial_shapes(c: _Ctx):
     return torch.tensor([[_side(c), _side(c)]] * c.batch)
 
@@ -967,6 +984,11 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
         if (x := _from_doc(c, name)) is not None:
             got[name] = x
     layouts = _audio_layouts(c, got)  # the first: as made, with its frame mask where forward takes one
+    px = layouts[0].get("pixel_values")
+    if px is not None and px.dim() == 4 and _embeds_flat_patches(c):
+        # a Linear over flattened patches and no convolution: pixel_values may be patch sequences
+        # (Fuyu), or images the model patchifies itself (RADIO): both, images first
+        layouts.append({**layouts[0], "pixel_values": _patch_seq(c)})
     missing = [n for n in required if n not in layouts[0] and n not in mains]
     missing += [n for n in mains if n not in layouts[0] and n in params]
     if missing:

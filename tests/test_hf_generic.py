@@ -447,3 +447,14 @@ def test_stacked_frame_width_comes_from_the_projection_input_dim():
     ex = hf.example_inputs(model)
     width = model.speech_encoder.feature_projection.layer_norm.normalized_shape[0]
     assert ex["input_features"].shape[-1] == width == small.feature_projection_input_dim
+
+
+def test_flat_patch_pixels_are_a_layout_tried_after_images():
+    # Fuyu embeds 30x30x3 patches with a Linear and has no convolution: its pixels are patch
+    # sequences; RADIO has the same Linear but patchifies images itself: it keeps images
+    fuyu, _ = hf.build("fuyu")
+    px = hf.example_inputs(fuyu)["pixel_values"]
+    v = fuyu.config
+    assert px.dim() == 3 and px.shape[-1] == v.num_channels * v.patch_size ** 2
+    radio, _ = hf.build("radio")
+    assert hf.example_inputs(radio)["pixel_values"].dim() == 4
