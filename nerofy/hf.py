@@ -195,8 +195,6 @@ def _new_value(key: str, v, level: int, alt: bool = False):
     return v
 
 
-
-
 def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: bool = True) -> dict:
     out = {}
     depth: dict[int, int] = {}
@@ -223,9 +221,7 @@ def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: 
         for k in lists:
             out[k] = [out[k][i] for i in keep]
         for k, v in out.items():
-            if isinstance(v, list):
-                continue
-            elif isinstance(v, dict) and v and all(_layer_index(i) is not None for i in v) \
+            if isinstance(v, dict) and v and all(_layer_index(i) is not None for i in v) \
                     and max(_layer_index(i) for i in v) < old:
                 out[k] = {i: x for i, x in v.items() if _layer_index(i) < new}
     if level >= 1:
@@ -241,10 +237,10 @@ def _kept_layers(lists: list[list], new: int) -> list[int]:
     kind that first appears later (a 2-layer model of all-sliding layers)."""
     old = len(lists[0]) if lists else 0
     first: dict = {}
-    for v in lists:
+    for j, v in enumerate(lists):
         if all(isinstance(x, str) for x in v):
             for i, x in enumerate(v):
-                first.setdefault((id(v), x), i)
+                first.setdefault((j, x), i)
     keep = sorted(set(first.values()))[:new]
     keep += [i for i in range(old) if i not in keep][:new - len(keep)]
     return sorted(keep)
