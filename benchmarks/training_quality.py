@@ -264,7 +264,7 @@ def _zero_bias(model, ex):
         for n, p in model.named_parameters():
             if n.endswith("bias"):
                 p.zero_()
-    return nerofy.wrap(model, lr=0.01, example_inputs=ex)
+    return _wrap()(model, ex)
 
 
 def _gpt2_gelu_gain(model, ex):

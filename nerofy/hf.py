@@ -528,7 +528,7 @@ def build(model_type: str, size: str = "small", device: str | torch.device | Non
                 first, at = seen[key]
                 if at in over:
                     over.add(level)
-                if first != f"level {level}":  # the first layers are the kinds' own: nothing to say
+                if at != level:  # the first layers equal to this level's kinds: nothing to say
                     tried.append(f"{what}: the config of {first}")
                 continue
             seen[key] = (what, level)
@@ -653,11 +653,17 @@ def _grid(c: _Ctx) -> tuple[int, int, int]:
     return 1, 2 * merge, 2 * merge
 
 
+def _patch_geometry(c: _Ctx) -> tuple[Any, Any]:
+    """The vision config's (image channels, patch size) as it states them (3, None where absent)."""
+    v = c.sub("vision")
+    return c.first(v, "in_channels", "num_channels", "in_chans", default=3), c.first(v, "patch_size", default=None)
+
+
 def _patch_width(c: _Ctx) -> int:
     """Values per flattened patch: channels x temporal patch (where the config has one) x patch^2."""
     v = c.sub("vision")
-    ch = int(c.first(v, "in_channels", "num_channels", "in_chans", default=3))
-    p = c.first(v, "patch_size", default=14)
+    ch, p = _patch_geometry(c)
+    ch, p = int(ch), 14 if p is None else p
     p = int(p[0] if isinstance(p, (list, tuple)) else p)
     tp = int(c.first(v, "temporal_patch_size", "patch_temporal", "temporal_patch", default=1) or 1)
     return ch * tp * p * p
@@ -697,8 +703,7 @@ def _embeds_flat_patches(c: _Ctx) -> bool:
     """The model embeds each patch with a Linear over its flattened values (Fuyu's 30x30x3 = 2700,
     Molmo2's 14x14x3 = 588) and has no convolution over the image channels to patchify: its
     pixel_values may be patch sequences (batch, patches, channels x patch^2) rather than images."""
-    v = c.sub("vision")
-    ch, p = c.first(v, "in_channels", "num_channels", "in_chans", default=3), c.first(v, "patch_size", default=None)
+    ch, p = _patch_geometry(c)
     if not _is_int(ch) or not (_is_int(p) or isinstance(p, (list, tuple)) and p and all(map(_is_int, p))):
         return False  # per-stage channel lists (EfficientNet's in_channels), no patch size: not a patch model
     width, linear, conv = _patch_width(c), False, False
