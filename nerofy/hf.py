@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
+import importlib.util
 import inspect
 import itertools
 import json
@@ -131,7 +133,7 @@ _DEPTH = (r"num_hidden_layers|num_layers|n_layers?|(en|de)coder_layers|num_(en|d
 # layers that reuse an earlier layer's key/value cache: the layers below them must hold every layer
 # type (gemma3n checks it), which a 2-layer model cannot, so the small model shares none
 _KV_SHARED = r"num_kv_shared_layers|num_shared_kv_layers|.+_kv_shared_layers"
-_KV_HEADS = r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads"
+_KV_HEADS = r"num_key_value_heads|num_kv_heads|n_kv_heads|.+_key_value_heads|.+_key_value_heads_per_layer"
 _HEAD_COUNT = (r"num_attention_heads|n_heads?|num_heads|(en|de)coder_attention_heads|num_.+_heads|.+_attention_heads"
                r"|.+_n_heads")
 SHRINK_RULES: tuple[Rule, ...] = (
@@ -213,6 +215,13 @@ def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: 
             out[k] = v if (_is_int(v) and v in stages and re.fullmatch(_DEPTH, k)) else _new_value(k, v, level, alt)
             if _is_int(v) and out[k] != v and re.fullmatch(_DEPTH, k) and not re.fullmatch(_KV_SHARED, k):
                 depth[v] = out[k]
+    for old, new in list(depth.items()):  # a backbone keeps a layer per stage it outputs
+        need = min(old, len(set(_backbone_outputs(d, old) or ())))
+        if need > new:
+            depth[old] = need
+            for k in out:
+                if _is_int(d.get(k)) and d[k] == old and out[k] == new and re.fullmatch(_DEPTH, k):
+                    out[k] = need
     # lists with one entry per layer (layer_types, per-layer windows) follow the new depth, and so do
     # dicts keyed by layer index (per_layer_config: {5: {...}, 11: {...}})
     for old, new in depth.items():
@@ -224,9 +233,71 @@ def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: 
             if isinstance(v, dict) and v and all(_layer_index(i) is not None for i in v) \
                     and max(_layer_index(i) for i in v) < old:
                 out[k] = {i: x for i, x in v.items() if _layer_index(i) < new}
+        _fit_backbone_stages(out, old, new)
+    _fit_layer_ids(d, out)
     if level >= 1:
         _fit_mrope_dict(out)
     return out
+
+
+# a model's keys that list layers of the encoders in its sub-configs (DepthPro's intermediate_hook_ids
+# = (11, 5): the patch encoder's hidden states it fuses)
+_LAYER_IDS = r"(.+_)?hook_ids"
+
+
+def _fit_layer_ids(d: dict, out: dict) -> None:
+    """Layer ids into sub-configs whose depth shrank move to the same relative depth."""
+    pairs = {(d[c][k], out[c][k]) for c, v in d.items() if isinstance(v, dict) and isinstance(out.get(c), dict)
+             for k in v if isinstance(k, str) and re.fullmatch(_DEPTH, k) and _is_int(v[k])
+             and _is_int(out[c].get(k)) and out[c][k] != v[k]}
+    if len(pairs) != 1:
+        return
+    (old, new), = pairs
+    for k, v in d.items():
+        if isinstance(k, str) and re.fullmatch(_LAYER_IDS, k) and isinstance(v, (list, tuple)) and v \
+                and all(_is_int(i) and 0 <= i < old for i in v):
+            out[k] = type(v)(j - 1 for j in _rescale_indices([i + 1 for i in v], old, new, low=1))
+
+
+def _backbone_outputs(d: dict, old: int) -> list[int] | None:
+    """The stages (non-negative indices) that a backbone with a stage per layer (``stage_names``:
+    "stem" + one per layer, as transformers' backbone configs make them) outputs, else None."""
+    names = d.get("stage_names")
+    if not (isinstance(names, list) and len(names) == old + 1):
+        return None
+    idx = d.get("out_indices")
+    if isinstance(idx, (list, tuple)) and all(_is_int(i) for i in idx):
+        return [i for i in idx if i >= 0]
+    feats = d.get("out_features")
+    return [names.index(f) for f in feats if f in names] if isinstance(feats, list) else []
+
+
+def _rescale_indices(vals: list[int], old: int, new: int, low: int = 0) -> list[int]:
+    """Indices into ``old`` layers moved to the same relative depth of ``new`` (within [low, new]);
+    where two would meet, the last ones in the same order, so that as many distinct ones remain."""
+    out = [min(max(round(i * new / old), low), new) for i in vals]
+    if len(set(out)) < len(set(vals)) <= new - low + 1:
+        rank = {v: r for r, v in enumerate(sorted(set(vals)))}
+        out = [new - len(rank) + 1 + rank[v] for v in vals]
+    return out
+
+
+def _fit_backbone_stages(d: dict, old: int, new: int) -> None:
+    """A backbone keeps its first ``new`` stages and outputs as many as before, at the same relative
+    depths (a DPT neck reads one feature map per ``neck_hidden_sizes`` entry); ``_shrink_dict``
+    keeps enough layers for them."""
+    outs = _backbone_outputs(d, old)
+    if outs is None:
+        return
+    names = d["stage_names"]
+    fit = dict(zip(outs, _rescale_indices(outs, old, new, low=1)))
+    d["stage_names"] = names[:new + 1]
+    idx = d.get("out_indices")
+    if isinstance(idx, (list, tuple)) and all(_is_int(i) for i in idx):
+        d["out_indices"] = type(idx)(fit.get(i, i) for i in idx)
+    if isinstance(d.get("out_features"), list):
+        d["out_features"] = [d["stage_names"][fit[names.index(f)]] if f in names and names.index(f) in fit else f
+                             for f in d["out_features"]]
 
 
 def _kept_layers(lists: list[list], new: int) -> list[int]:
@@ -327,7 +398,21 @@ def _couple(d: dict, small: dict) -> dict:
                  and re.fullmatch(_HEAD_COUNT, h) and not re.fullmatch(_KV_HEADS, h)}
         if len(heads) == 1:
             _get(small, path)[k] = next(iter(heads))
+    # a width the default config makes the sum of two others keeps being their sum
+    for path, k, v, new in list(leaves(d, small)):
+        for key, parts in SUM_TIES:
+            src, dst = _get(d, path), _get(small, path)
+            if k == key and all(_is_int(src.get(p)) and _is_int(dst.get(p)) for p in parts) \
+                    and v == sum(src[p] for p in parts):
+                dst[k] = sum(dst[p] for p in parts)
     return small
+
+
+# (key, parts): latent attention's query/key head is its no-position part plus its rotary part
+# (Mistral4's head_dim = qk_nope_head_dim + qk_rope_head_dim: its rotary width is head_dim x
+# partial_rotary_factor, which must stay qk_rope_head_dim)
+SUM_TIES = (("head_dim", ("qk_nope_head_dim", "qk_rope_head_dim")),
+            ("qk_head_dim", ("qk_nope_head_dim", "qk_rope_head_dim")))
 
 
 def shrink_config(config, level: int = 2, kinds: bool = True):
@@ -355,7 +440,30 @@ def shrink_config(config, level: int = 2, kinds: bool = True):
     if level >= 1:
         _fit_mrope(out)
     _fit_image_tokens(out)
+    _fit_feature_layers(out)
     return out
+
+
+# keys that index the vision tower's hidden states (depth + 1 of them: the embeddings, then each layer)
+_FEATURE_LAYER_KEYS = ("vision_feature_layer", "vision_feature_layers", "feature_layer")
+
+
+def _fit_feature_layers(config) -> None:
+    """Feature layers a VLM takes from its vision tower (VipLlava's (-2, -5, -8, -11, 6)) that the
+    shrunk tower no longer has become its nearest layer: as many features, each one that exists."""
+    for c in _sub_configs(config):
+        tower = getattr(c, "vision_config", None) or c
+        depth = getattr(tower, "num_hidden_layers", None)
+        if not _is_int(depth):
+            continue
+        n = depth + 1
+        for key in _FEATURE_LAYER_KEYS:
+            v = getattr(c, key, None)
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            if not vals or not all(_is_int(i) for i in vals) or all(-n <= i < n for i in vals):
+                continue
+            fit = [max(i, -n) if i < 0 else min(i, n - 1) for i in vals]
+            setattr(c, key, type(v)(fit) if isinstance(v, (list, tuple)) else fit[0])
 
 
 def _fit_image_tokens(config) -> None:
@@ -421,6 +529,18 @@ def _valid_subset(cls, d: dict, small: dict, error: Exception):
     return cfg
 
 
+def _named_sub_configs(config, name: str = ""):
+    """(attribute path, config) of ``config`` and every sub-config below it."""
+    yield name, config
+    for k in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, k, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            yield from _named_sub_configs(sub, f"{name}.{k}" if name else k)
+
+
+_TOWER_CONFIG = re.compile(r"(vision|audio|image|video|speech)[^.]*$")  # a sub-config's path or class name
+
+
 def _sub_configs(config):
     yield config
     for k in getattr(config, "sub_configs", {}) or {}:
@@ -429,12 +549,33 @@ def _sub_configs(config):
             yield from _sub_configs(sub)
 
 
+@functools.lru_cache(maxsize=None)
+def _modeling_reads(config_cls: type, key: str) -> bool:
+    """Whether the modelling module beside ``config_cls``'s configuration module reads ``key`` with
+    a default of its own (``.get("key", ...)``: PaddleOCR-VL's ``mrope_section``), a key the config
+    class neither declares nor validates."""
+    mod = config_cls.__module__
+    if ".configuration_" not in mod:
+        return False
+    spec = importlib.util.find_spec(mod.replace(".configuration_", ".modeling_"))
+    if spec is None or not spec.origin:
+        return False
+    try:
+        with open(spec.origin, encoding="utf-8") as f:
+            return re.search(rf"\.get\(\s*[\"']{re.escape(key)}[\"']\s*,", f.read()) is not None
+    except OSError:
+        return False
+
+
 def _fit_mrope(config) -> None:
     """Multimodal RoPE splits head_dim / 2 into (t, h, w) sections whose default ([16, 24, 24]) sits in
     the modelling code; a config class that declares the key (``ignore_keys_at_rope_validation``)
     gets sections that fit its shrunk head_dim."""
-    for c in _sub_configs(config):
-        if "mrope_section" not in (getattr(type(c), "ignore_keys_at_rope_validation", None) or ()):
+    for name, c in _named_sub_configs(config):
+        declared = "mrope_section" in (getattr(type(c), "ignore_keys_at_rope_validation", None) or ())
+        # a text model's rotary reads it with a default; a vision tower's rotary does not
+        tower = _TOWER_CONFIG.search(name) or _TOWER_CONFIG.search(type(c).__name__.lower())
+        if not declared and not (_modeling_reads(type(c), "mrope_section") and not tower):
             continue
         try:  # per-layer configs refuse a global read of per-layer keys
             rope = getattr(c, "rope_parameters", None)
@@ -715,6 +856,16 @@ def _embeds_flat_patches(c: _Ctx) -> bool:
     return linear and not conv
 
 
+def _flattened_patches(c: _Ctx):
+    """Pix2Struct's variable-resolution patches: each row is (row, column, the patch's values),
+    the 1-based position ahead of ``patch_embed_hidden_size`` values."""
+    s = _side(c)
+    width = c.first(c.sub("vision"), "patch_embed_hidden_size", default=None) or _patch_width(c)
+    yy, xx = torch.meshgrid(torch.arange(1, s + 1), torch.arange(1, s + 1), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], -1).float().expand(c.batch, -1, -1)
+    return torch.cat([pos, c.randn(c.batch, s * s, int(width))], -1)
+
+
 def _spatial_shapes(c: _Ctx):
     return torch.tensor([[_side(c), _side(c)]] * c.batch)
 
@@ -767,30 +918,42 @@ def _frames(c: _Ctx, a, n: int = 32) -> int:
     return n
 
 
+def _sample_multiple(c: _Ctx, a) -> int | None:
+    """Samples per frame of a patching encoder or codec: the product of the first of
+    ``_SAMPLE_MULTIPLES`` the config has, else None."""
+    for key in _SAMPLE_MULTIPLES:
+        m = c.first(a, key, default=None)
+        m = math.prod(m) if isinstance(m, (list, tuple)) and m and all(_is_int(x) for x in m) else None
+        if m and m > 1:
+            return m
+    return None
+
+
 def _input_values(c: _Ctx):
     a = _audio_cfg(c)
     # a second of 16 kHz audio shrunk to what the feature encoder's strides still turn into a few frames
     strides = c.first(a, "conv_stride", default=None)
     hop = math.prod(strides) if isinstance(strides, (list, tuple)) and strides else 320
     n = max(hop * 8, 1600)
-    for key in _SAMPLE_MULTIPLES:  # encoders that cut samples into whole patches of prod(key) samples
-        m = c.first(a, key, default=None)
-        m = math.prod(m) if isinstance(m, (list, tuple)) and m and all(_is_int(x) for x in m) else None
-        if m and m > 1:
-            n = _round_up(n, m)
+    if m := _sample_multiple(c, a):  # encoders that cut samples into whole patches of m samples
+        n = _round_up(n, m)
     chans = c.first(a, "audio_channels", default=None)
     if chans and int(chans) > 1:
         return c.randn(c.batch, int(chans), n)
     return c.randn(c.batch, n)  # codecs that want (batch, 1, samples) get it from _layouts
 
 
+# config keys that state the mel bins per frame; where none does, the filterbank sizes speech
+# front ends use (80: Whisper v1-2, Conformer / NeMo; 128: Whisper v3, Gemma 3n/4) are tried
+_MEL_KEYS = ("num_mel_bins", "feature_size", "input_feat_size", "input_feat_per_channel", "n_mels", "num_mel_filters")
+MEL_BINS = (80, 128)
+
+
 def _input_features(c: _Ctx):
     a = _audio_cfg(c)
     # feature_projection_input_dim: the width the first layer reads frames at (stacked mel frames:
     # SeamlessM4T's 160 = 80 bins x stride 2), where the config holds no bin count
-    mel = c.first(a, "num_mel_bins", "feature_size", "input_feat_size", "input_feat_per_channel", "n_mels",
-                  "num_mel_filters", "feature_projection_input_dim",
-                  default=80)
+    mel = c.first(a, *_MEL_KEYS, "feature_projection_input_dim", default=MEL_BINS[0])
     src = c.first(a, "max_source_positions", default=None)
     if src is not None and c.first(a, "num_mel_bins", default=None) is not None:
         # Whisper-style encoders want exactly 2 x max_source_positions frames (two convs, stride 2)
@@ -841,6 +1004,7 @@ INPUT_RULES: dict[str, tuple[str, Callable]] = {
     "spatial_shapes": ("with:pixel_values", _spatial_shapes),
     "pixel_position_ids": ("with:pixel_values", _pixel_position_ids),
     "pixel_attention_mask": ("with:spatial_shapes", lambda c: torch.ones(c.batch, _side(c) ** 2, dtype=torch.long)),
+    "flattened_patches": ("always", lambda c: _flattened_patches(c)),
     "input_values": ("always", _input_values),
     "input_features": ("always", _input_features),
     "audio_mel": ("always", _input_features),  # a mel spectrogram under its own name (Gemma3n's)
@@ -999,6 +1163,11 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
     for got in layouts:
         got = {k: v.to(c.device) for k, v in got.items()}
         _fill_placeholders(c, got)  # per layout: how many features a tower makes depends on it
+        px = got.get("pixel_values")
+        if px is not None and px.dim() == 5 and "image_attention_mask" in c.params and "input_ids" in got:
+            # several images per sample, cross-attended (IDEFICS): every token sees every image
+            got["image_attention_mask"] = torch.ones(*got["input_ids"].shape, px.shape[1], dtype=torch.long,
+                                                     device=c.device)
         out.append(got)
     return out
 
@@ -1020,6 +1189,8 @@ def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
     """Images as (batch, C, H, W) or, for models that take several images per sample, (batch, 1,
     C, H, W); then larger square sides (``IMAGE_SIDES``) where the image is smaller."""
     x = got.get("pixel_values")
+    if x is not None and x.dim() == 2:  # packed flat patches: some towers take them as patch images
+        return [got] + [{**got, "pixel_values": p} for p in _patch_images(c, x)]
     if x is None or x.dim() != 4:
         return [got]
     out = [got, {**got, "pixel_values": x[:, None]}]
@@ -1033,6 +1204,17 @@ def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
             if sized:
                 out.append({**g, "image_sizes": torch.tensor([[side, side]] * x.shape[0])})
     return out
+
+
+def _patch_images(c: _Ctx, x: torch.Tensor) -> list[torch.Tensor]:
+    """Packed flat patches (N, C*T*P*P) as the patch images they flatten: (N, C, [T,] P, P), and
+    those as one sequence, (1, N, C, [T,] P, P) (PaddleOCR-VL's tower unpacks five dims)."""
+    ch, p = _patch_geometry(c)
+    if not (_is_int(ch) and _is_int(p)) or x.shape[1] != _patch_width(c):
+        return []
+    tp = _patch_width(c) // (int(ch) * int(p) ** 2)
+    img = x.reshape(x.shape[0], int(ch), *((tp,) if tp > 1 else ()), int(p), int(p))
+    return [img, img[None]]
 
 
 def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
@@ -1055,10 +1237,10 @@ def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
             c.first(a, "num_mel_bins", default=None) is not None else 1
         alts += [(x, t_axis), (x.transpose(1, 2).contiguous(), 3 - t_axis), (x.transpose(1, 2)[:, None]
                  .contiguous() if t_axis == 2 else x[:, None], 2)]
-        widths = [c.first(a, "feature_projection_input_dim", default=None)] + _stacked_widths(c.model, x.shape[2])
-        for w in dict.fromkeys(int(w) for w in widths if w and int(w) != x.shape[2]):
-            if t_axis == 1:
-                alts.insert(1, (c.randn(b, x.shape[1], w).to(x.device), 1))
+        if t_axis == 1:
+            for t in _feature_widths(c, a, x, mel=False):
+                alts.insert(1, (t, 1))
+            alts += [(t, 1) for t in _feature_widths(c, a, x, stacked=False)]  # guessed bins: last
     else:
         return [got]
     out = []
@@ -1068,7 +1250,29 @@ def _audio_layouts(c: _Ctx, got: dict) -> list[dict]:
             if m in c.params and axis >= 0:
                 g[m] = torch.ones(b, t.shape[axis], dtype=torch.bool, device=t.device)
         out += _image_layouts(c, g)
+    # a second audio input beside the first (a codec's features beside its samples): its widths too
+    # and, beside raw samples, as many frames as the samples make (one frame per hop of samples)
+    for other in (k for k in _AUDIO_KEYS if k != key and k in got and got[k].dim() == 3):
+        y = got[other]
+        hop = _sample_multiple(c, a) if x.dim() == 2 else None
+        ys = _feature_widths(c, a, y)
+        if hop and x.shape[-1] // hop not in (0, y.shape[1]):
+            n = x.shape[-1] // hop
+            ys += [c.randn(y.shape[0], n, w).to(y.device) for w in [y.shape[2]] + [t.shape[2] for t in ys]]
+        out += [{**g, other: t} for t in ys for g in out[:2]]
     return out
+
+
+def _feature_widths(c: _Ctx, a, x: torch.Tensor, stacked: bool = True, mel: bool = True) -> list[torch.Tensor]:
+    """(batch, frames, bins) features ``x`` at the other widths a frame may have: ``stacked``, the
+    config's projection input and stacked frames (``_stacked_widths``); ``mel``, the usual bin
+    counts (``MEL_BINS``) where the config states none."""
+    widths = [c.first(a, "feature_projection_input_dim", default=None)] + _stacked_widths(c.model, x.shape[2]) \
+        if stacked else []
+    if mel and c.first(a, *_MEL_KEYS, default=None) is None:  # the bin count sits in the modelling code
+        widths += list(MEL_BINS)
+    return [c.randn(x.shape[0], x.shape[1], w).to(x.device)
+            for w in dict.fromkeys(int(w) for w in widths if w and int(w) != x.shape[2])]
 
 
 # frames stacked into one input row: at most this many (low frame rate features stack 2-8)
@@ -1078,10 +1282,17 @@ MAX_STACK = 8
 def _stacked_widths(model: nn.Module, bins: int) -> list[int]:
     """Widths of stacked frames (k consecutive frames of ``bins`` as one row: a low-frame-rate
     encoder's input, or frames with their deltas) that the model's first linear layer taking a
-    multiple of ``bins`` reads: k x bins where 2 <= k <= MAX_STACK."""
+    multiple of ``bins`` reads (or first layer norm: XCodec2 normalises its stacked features before
+    projecting them): k x bins where 2 <= k <= MAX_STACK."""
     for m in model.modules():
-        if isinstance(m, nn.Linear) and m.in_features % bins == 0 and 2 <= m.in_features // bins <= MAX_STACK:
-            return [m.in_features]
+        if isinstance(m, nn.Linear):
+            width = m.in_features
+        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            width = m.normalized_shape[0]
+        else:
+            continue
+        if width % bins == 0 and 2 <= width // bins <= MAX_STACK:
+            return [width]
     return []
 
 
@@ -1113,17 +1324,35 @@ def _feature_count(out) -> int | None:
     return None
 
 
+def _tower(c: _Ctx, kind: str, method: str):
+    """(placeholder id, feature method) of a tower: the model's own, else those of the first model
+    inside it that has both (a retrieval or task wrapper around a whole VLM: ColModernVBert's
+    ``vlm``), else (None, None)."""
+    for m in itertools.chain([c.model], (m for m in c.model.modules() if m is not c.model and hasattr(m, "config"))):
+        cfg = getattr(m, "config", None)
+        tok = c.first(cfg, f"{kind}_token_id", f"{kind}_token_index", default=None)
+        if m is c.model:  # the model's own method may sit on its base model
+            fn = getattr(m, method, None) or getattr(getattr(m, "model", None), method, None)
+        else:
+            fn = getattr(m, method, None)
+        if tok is not None and fn is not None:
+            return tok, fn
+        if m is c.model and (tok is not None or fn is not None):
+            return tok, fn  # the model names one of them itself: no search inside
+    return None, None
+
+
 def _fill_placeholders(c: _Ctx, got: dict) -> None:
     """A multimodal model scatters its tower's features into the text where the placeholder ids
     (``image_token_id`` ...) sit: put as many there as the tower makes, so no tower goes unused."""
     if "input_ids" not in got:
         return
-    holes = []
+    holes, toks = [], {}
     for kind, key, method in _PLACEHOLDERS:
-        tok = c.first(c.config, f"{kind}_token_id", f"{kind}_token_index", default=None)
-        fn = getattr(c.model, method, None) or getattr(getattr(c.model, "model", None), method, None)
+        tok, fn = _tower(c, kind, method)
         if tok is None or key not in c.params or fn is None:
             continue
+        toks[kind] = tok
         if key not in got:
             if kind != "image":
                 continue
@@ -1146,9 +1375,8 @@ def _fill_placeholders(c: _Ctx, got: dict) -> None:
         if "mm_token_type_ids" in c.params:  # processors' modality map: 0 text, 1 image, 2 video
             kinds = torch.zeros_like(got["input_ids"])
             for i, (kind, _, _) in enumerate(_PLACEHOLDERS[:2]):
-                tok = c.first(c.config, f"{kind}_token_id", f"{kind}_token_index", default=None)
-                if tok is not None:
-                    kinds[got["input_ids"] == int(tok)] = i + 1
+                if kind in toks:
+                    kinds[got["input_ids"] == int(toks[kind])] = i + 1
             got["mm_token_type_ids"] = kinds
 
 

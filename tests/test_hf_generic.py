@@ -458,3 +458,63 @@ def test_flat_patch_pixels_are_a_layout_tried_after_images():
     assert px.dim() == 3 and px.shape[-1] == v.num_channels * v.patch_size ** 2
     radio, _ = hf.build("radio")
     assert hf.example_inputs(radio)["pixel_values"].dim() == 4
+
+
+def test_packed_patches_are_also_tried_as_patch_images_one_sequence_per_batch():
+    # PaddleOCR-VL's tower unpacks (batch, patches, C, P, P) and its VLM passes (patches, C, P, P):
+    # the packed (patches, C*P*P) rows are offered as both; the model's own mrope_section (read
+    # with a default in the modelling code, not declared by its config) fits the shrunk head_dim
+    small = hf.shrink_config(hf.default_config("paddleocr_vl"), 2)
+    t = small.text_config
+    assert sum(t.rope_parameters["mrope_section"]) == t.head_dim // 2
+    tower = hf.model_class("paddleocr_vl_vision", None)(hf.shrink_config(hf.default_config("paddleocr_vl_vision"), 2))
+    shapes = [tuple(x["pixel_values"].shape) for x in hf.input_layouts(tower)]
+    n, width = shapes[0]
+    p = tower.config.patch_size
+    assert (n, 3, p, p) in shapes and (1, n, 3, p, p) in shapes and width == 3 * p * p
+    for name in ("paddleocr_vl_vision", "paddleocr_vl"):
+        model = hf.model_class(name, None)(hf.shrink_config(hf.default_config(name), 2)).eval()
+        with torch.no_grad():
+            model(**hf.example_inputs(model))
+
+
+def test_a_wrapped_vlm_gets_its_placeholders_and_cross_attended_images_their_mask():
+    # ColModernVBert's retrieval head wraps a whole VLM (``vlm``): the placeholder id and the
+    # feature method are the inner model's. IDEFICS cross-attends to several images per sample:
+    # (batch, images, C, H, W) with an image_attention_mask of (batch, tokens, images)
+    col, _ = hf.build("colmodernvbert")
+    x = hf.example_inputs(col)
+    assert x["pixel_values"].dim() == 5 and (x["input_ids"] == col.vlm.config.image_token_id).sum() > 0
+    idefics, _ = hf.build("idefics")
+    x = hf.example_inputs(idefics)
+    assert x["pixel_values"].dim() == 5
+    assert tuple(x["image_attention_mask"].shape) == (*x["input_ids"].shape, x["pixel_values"].shape[1])
+
+
+def test_feature_bins_the_config_does_not_state_are_tried_at_the_usual_counts():
+    # Gemma4's audio config names no mel bin count; its conv subsampler and projection are built
+    # for 128 bins: 80 (the first guess) fails and 128 (MEL_BINS) runs
+    model = hf.model_class("gemma4_audio", None)(hf.shrink_config(hf.default_config("gemma4_audio"), 2)).eval()
+    assert hf.input_layouts(model)[0]["input_features"].shape[-1] == hf.MEL_BINS[0]
+    x = hf.example_inputs(model)
+    assert x["input_features"].shape[-1] == 128
+    with torch.no_grad():
+        model(**x)
+
+
+def test_a_codecs_features_beside_its_samples_take_their_width_and_frame_count():
+    # XCodec2 reads stacked semantic features (a LayerNorm over 2 x 80 bins, then a projection)
+    # beside raw samples, one feature frame per prod(downsampling_ratios) samples
+    model = hf.model_class("xcodec2", None)(hf.shrink_config(hf.default_config("xcodec2"), 2))
+    hop = math.prod(model.config.downsampling_ratios)
+    shapes = [(tuple(x["input_values"].shape), tuple(x["input_features"].shape)) for x in hf.input_layouts(model)]
+    assert any(f[-1] == 160 and f[1] == v[-1] // hop for v, f in shapes)
+
+
+def test_pix2struct_patches_lead_with_their_row_and_column():
+    model, _ = hf.build("pix2struct")
+    x = hf.example_inputs(model)["flattened_patches"]
+    assert x.shape[-1] == 2 + model.config.vision_config.patch_embed_hidden_size
+    assert x[..., :2].min() >= 1 and torch.equal(x[..., :2], x[..., :2].round())
+    with torch.no_grad():
+        model(**hf.example_inputs(model))

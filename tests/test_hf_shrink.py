@@ -115,3 +115,28 @@ def test_each_shrunk_config_is_tried_once():
     msg = str(e.value)
     assert "level 2: ValueError" in msg and "level 1: the config of level 2" in msg and "level 0: ValueError" in msg
     assert "first layers" not in msg  # over the budget: other layers of the same sizes are not tried
+
+
+def test_backbones_keep_as_many_output_stages_as_their_neck_reads():
+    # DPT-style heads read one feature map per neck entry: Depth Anything outputs stages 9-12 of 12.
+    # The shrunk backbone keeps a layer per output stage, the same number of distinct outputs, and
+    # a single-output backbone (DINOv2's last stage) shrinks to 2 layers with its last stage out
+    small = hf.shrink_config(hf.default_config("depth_anything"), 2)
+    b = small.backbone_config
+    assert b.num_hidden_layers == 4 and b.out_indices == [1, 2, 3, 4]
+    assert b.out_features == ["stage1", "stage2", "stage3", "stage4"] == b.stage_names[1:]
+    assert len(b.out_indices) == len(small.neck_hidden_sizes)
+    d = hf.shrink_config(hf.default_config("dinov2"), 2)
+    assert d.num_hidden_layers == 2 and list(d.out_indices) == [2] and d.out_features == ["stage2"]
+    assert hf._rescale_indices([6, 12, 18, 24], 24, 4, low=1) == [1, 2, 3, 4]
+    assert hf._rescale_indices([9, 10, 11, 12], 12, 4, low=1) == [1, 2, 3, 4]
+
+
+def test_hook_layer_ids_move_to_the_same_relative_depth_of_the_shrunk_encoder():
+    # DepthPro fuses its patch encoder's layers 11 and 5 of 12: at 2 layers they are 1 and 0
+    small = hf.shrink_config(hf.default_config("depth_pro"), 2)
+    assert small.patch_model_config.num_hidden_layers == 2
+    assert list(small.intermediate_hook_ids) == [1, 0]
+    model = hf.model_class("depth_pro", None)(small).eval()
+    with torch.no_grad():
+        model(**hf.example_inputs(model))
