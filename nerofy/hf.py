@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import fractions
 import functools
 import importlib.util
 import inspect
@@ -151,13 +152,18 @@ SHRINK_RULES: tuple[Rule, ...] = (
     Rule(_HEAD_COUNT, 2),
     Rule(r"head_dim|d_kv|attention_head_size|d_head|qk_rope_head_dim|qk_nope_head_dim|v_head_dim|kv_lora_rank"
          r"|q_lora_rank|rotary_dim", 16),
-    Rule(r"intermediate_size|ffn_dim|d_ff|d_inner|dff|n_inner|hidden_dim|.+_ffn_dim|.+_intermediate_size", 64),
+    Rule(r"intermediate_size|ffn_dim|d_ff|d_inner|dff|n_inner|hidden_dim|.+_ffn_dim|.+_intermediate_size"
+         r"|mlp_dim|.+_mlp_dim", 64),
+    # Fourier position features: sin and cos of num_pos_feats frequencies make a width (SAM's 128 x 2 = 256)
+    Rule(r"num_pos_feats", 16),
     Rule(r"max_position_embeddings|n_positions|n_ctx|max_seq_len|max_sequence_length", 512),
     # encoder frames / decoder positions of speech seq2seq (whisper's encoder takes exactly 2 x source)
     Rule(r"max_source_positions|max_target_positions", 64),
     # level 2: what changes shapes beyond widths
     Rule(r"depths", lambda v, i: 1, 2),
     Rule(r"hidden_sizes|embed_dims|dims|channels|neck_hidden_sizes|conv_dim", _stage_width, 2),
+    # Hiera (SAM2) pools its residual only where a stage's width changes: every stage doubles
+    Rule(r"embed_dim_per_stage", lambda v, i: min(v, 32 * 2 ** i), 2),
     Rule(r"num_attention_heads|num_heads", lambda v, i: 1, 2),  # per-stage head lists (ints went above)
     Rule(r"image_size|img_size|input_size|crop_size", 64, 2),
 )
@@ -405,12 +411,82 @@ def _couple(d: dict, small: dict) -> dict:
             if k == key and all(_is_int(src.get(p)) and _is_int(dst.get(p)) for p in parts) \
                     and v == sum(src[p] for p in parts):
                 dst[k] = sum(dst[p] for p in parts)
+        for key, (num, den) in QUOTIENT_TIES.items():
+            src, dst = _get(d, path), _get(small, path)
+            if k == key and all(_is_int(src.get(p)) and _is_int(dst.get(p)) and src[p] > 0 and dst[p] > 0
+                                for p in (num, den)) and v == src[num] // src[den]:
+                dst[k] = max(dst[num] // dst[den], 1)
+    _couple_lists(d, small)
     return small
+
+
+def _int_lists(a: dict, b: dict, path=()):
+    """(path, key, default, shrunk) of every list leaf of ints (or of int lists) in both configs."""
+    for k, v in a.items():
+        if isinstance(k, str) and k not in ("id2label", "label2id") and k in b:
+            if isinstance(v, dict) and isinstance(b[k], dict):
+                yield from _int_lists(v, b[k], path + (k,))
+            elif isinstance(v, (list, tuple)) and v and isinstance(b[k], (list, tuple)) and len(b[k]) == len(v):
+                yield path, k, v, b[k]
+
+
+# nested lists of feature-map sizes that follow the image size (SAM2's backbone_feature_sizes:
+# image / 4, / 8, / 16 per level)
+_IMAGE_SCALED = r".*feature_sizes"
+
+
+def _couple_lists(d: dict, small: dict) -> None:
+    """Per-stage width lists the default config ties keep the tie: a list no rule names that equals,
+    in the default, a list a rule shrank (or its reverse: SAM2's ``backbone_channel_list`` is the
+    Hiera tower's ``embed_dim_per_stage`` from the top) takes its new value; lists of feature-map
+    sizes (``_IMAGE_SCALED``) scale with the image where the whole config shrank its image one way."""
+    from .hf_shrink import _get
+
+    ints = lambda v: all(_is_int(x) for x in v)  # noqa: E731
+    rows = list(_int_lists(d, small))
+    shrunk = {tuple(v): list(new) for _, k, v, new in rows
+              if _ruled(k) and ints(v) and ints(new) and len(v) >= 3 and min(v) >= COUPLE_MIN and list(new) != list(v)}
+    for path, k, v, new in rows:
+        if _ruled(k) or not ints(v) or list(new) != list(v):
+            continue
+        if tuple(v) in shrunk:
+            _get(small, path)[k] = type(v)(shrunk[tuple(v)])
+        elif tuple(v[::-1]) in shrunk:
+            _get(small, path)[k] = type(v)(shrunk[tuple(v[::-1])][::-1])
+    sides = set()  # new / old: the image's side, or its grid of patches where a patch size is set
+    for path, k, v, new in itertools.chain(_leaf_ints(d, small), rows):
+        if not re.fullmatch(r"image_size|img_size", k):
+            continue
+        v, new = (v, new) if _is_int(v) else (v[0], new[0])
+        p_old, p_new = _get(d, path).get("patch_size"), _get(small, path).get("patch_size")
+        if _is_int(p_old) and _is_int(p_new) and p_old > 0 and p_new > 0:
+            v, new = v // p_old, new // p_new
+        if _is_int(v) and _is_int(new) and 0 < new < v:
+            sides.add(fractions.Fraction(new, v))
+    if len(sides) != 1:
+        return
+    (ratio,) = sides
+    scale = lambda x: max(1, int(x * ratio)) if _is_int(x) else [scale(y) for y in x]  # noqa: E731
+    for path, k, v, new in rows:
+        if re.fullmatch(_IMAGE_SCALED, k) and list(new) == list(v):
+            _get(small, path)[k] = [scale(x) for x in v]
+
+
+def _leaf_ints(a: dict, b: dict, path=()):
+    for k, v in a.items():
+        if isinstance(k, str) and k not in ("id2label", "label2id") and k in b:
+            if isinstance(v, dict) and isinstance(b[k], dict):
+                yield from _leaf_ints(v, b[k], path + (k,))
+            elif _is_int(v) and _is_int(b[k]):
+                yield path, k, v, b[k]
 
 
 # (key, parts): latent attention's query/key head is its no-position part plus its rotary part
 # (Mistral4's head_dim = qk_nope_head_dim + qk_rope_head_dim: its rotary width is head_dim x
 # partial_rotary_factor, which must stay qk_rope_head_dim)
+# key: (numerator, denominator) - a count the default config makes a quotient of two others (SAM's
+# prompt encoder's image_embedding_size = image_size / patch_size: the grid its dense prompt covers)
+QUOTIENT_TIES = {"image_embedding_size": ("image_size", "patch_size")}
 SUM_TIES = (("head_dim", ("qk_nope_head_dim", "qk_rope_head_dim")),
             ("qk_head_dim", ("qk_nope_head_dim", "qk_rope_head_dim")))
 
@@ -1149,6 +1225,11 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
         if (x := _from_doc(c, name)) is not None:
             got[name] = x
     layouts = _audio_layouts(c, got)  # the first: as made, with its frame mask where forward takes one
+    # a model that encodes the audio when both it and text are given may apply the text's mask to the
+    # audio frames (SeamlessM4T): an all-ones mask means what none does, so each such layout also without it
+    layouts += [{k: v for k, v in g.items() if k != "attention_mask"} for g in layouts
+                if "attention_mask" in g and (a := next((g[k] for k in _AUDIO_KEYS if k in g), None)) is not None
+                and g["attention_mask"].shape[-1] not in a.shape[1:]]
     px = layouts[0].get("pixel_values")
     if px is not None and px.dim() == 4 and _embeds_flat_patches(c):
         # a Linear over flattened patches and no convolution: pixel_values may be patch sequences

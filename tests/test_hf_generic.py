@@ -518,3 +518,13 @@ def test_pix2struct_patches_lead_with_their_row_and_column():
     assert x[..., :2].min() >= 1 and torch.equal(x[..., :2], x[..., :2].round())
     with torch.no_grad():
         model(**hf.example_inputs(model))
+
+
+def test_a_text_mask_the_model_applies_to_audio_frames_is_left_out():
+    # SeamlessM4T encodes the speech when given both and applies attention_mask to its frames: the
+    # all-ones text mask (which means what no mask means) is dropped in a later layout
+    model = hf.model_class("seamless_m4t", None)(hf.shrink_config(hf.default_config("seamless_m4t"), 2)).eval()
+    first, x = hf.input_layouts(model)[0], hf.example_inputs(model)
+    assert "attention_mask" in first and "attention_mask" not in x and "input_features" in x
+    with torch.no_grad():
+        model(**x)

@@ -140,3 +140,28 @@ def test_hook_layer_ids_move_to_the_same_relative_depth_of_the_shrunk_encoder():
     model = hf.model_class("depth_pro", None)(small).eval()
     with torch.no_grad():
         model(**hf.example_inputs(model))
+
+
+def test_sam_keeps_its_prompt_grid_and_position_features_tied_to_the_shrunk_tower():
+    # SAM's dense prompt covers image_size / patch_size cells, and its shared position embedding
+    # makes 2 x num_pos_feats channels (the tower's output width): both follow the shrunk sizes
+    small = hf.shrink_config(hf.default_config("sam"), 2)
+    p, v = small.prompt_encoder_config, small.vision_config
+    assert p.image_embedding_size == p.image_size // p.patch_size == 4
+    assert 2 * v.num_pos_feats == v.output_channels and small.mask_decoder_config.mlp_dim <= 64
+    model = hf.model_class("sam", None)(small).eval()
+    with torch.no_grad():
+        model(**hf.example_inputs(model))
+
+
+def test_sam2_keeps_its_fpn_channels_and_feature_sizes_tied_to_the_hiera_tower():
+    # SAM2's neck lists the Hiera tower's stage widths from the top (backbone_channel_list) and the
+    # feature-map sizes per level (image / 4, / 8, / 16); Hiera pools only where a stage's width changes
+    small = hf.shrink_config(hf.default_config("sam2_vision_model"), 2)
+    widths = small.backbone_config.embed_dim_per_stage
+    assert widths == sorted(set(widths)) and list(small.backbone_channel_list) == widths[::-1]
+    side = small.backbone_config.image_size[0]
+    assert small.backbone_feature_sizes == [[side // 4] * 2, [side // 8] * 2, [side // 16] * 2]
+    model = hf.model_class("sam2_vision_model", None)(small).eval()
+    with torch.no_grad():
+        model(**hf.example_inputs(model))
