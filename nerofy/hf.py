@@ -20,6 +20,7 @@ import itertools
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -241,6 +242,7 @@ def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: 
                 out[k] = {i: x for i, x in v.items() if _layer_index(i) < new}
         _fit_backbone_stages(out, old, new)
     _fit_layer_ids(d, out)
+    _fit_pinpoints(d, out)
     if level >= 1:
         _fit_mrope_dict(out)
     return out
@@ -249,6 +251,19 @@ def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: 
 # a model's keys that list layers of the encoders in its sub-configs (DepthPro's intermediate_hook_ids
 # = (11, 5): the patch encoder's hidden states it fuses)
 _LAYER_IDS = r"(.+_)?hook_ids"
+
+
+def _fit_pinpoints(d: dict, out: dict) -> None:
+    """LLaVA-NeXT's any-resolution grid (``image_grid_pinpoints``, in pixels: whole tiles of the
+    vision tower's image size) scales with the tower's shrunk image size."""
+    pins = d.get("image_grid_pinpoints")
+    v, w = d.get("vision_config"), out.get("vision_config")
+    if not (isinstance(pins, list) and pins and all(isinstance(p, list) and all(map(_is_int, p)) for p in pins)
+            and isinstance(v, dict) and isinstance(w, dict)):
+        return
+    old, new = v.get("image_size"), w.get("image_size")
+    if _is_int(old) and _is_int(new) and 0 < new < old:
+        out["image_grid_pinpoints"] = [[max(1, x * new // old) for x in p] for p in pins]
 
 
 def _fit_layer_ids(d: dict, out: dict) -> None:
@@ -517,7 +532,30 @@ def shrink_config(config, level: int = 2, kinds: bool = True):
         _fit_mrope(out)
     _fit_image_tokens(out)
     _fit_feature_layers(out)
+    _fill_placeholder_ids(out)
     return out
+
+
+# placeholder ids a checkpoint sets and a default config may leave None (MiniCPM-V's image_token_id):
+# without one the model never runs its tower
+_PLACEHOLDER_KEYS = ("image_token_id", "video_token_id")
+
+
+def _fill_placeholder_ids(config) -> None:
+    """Give each placeholder key a config declares as None an id of its own at the top of the text
+    vocabulary, below every id the configs already use."""
+    for c in _sub_configs(config):
+        unset = [k for k in _PLACEHOLDER_KEYS if k in c.to_dict() and getattr(c, k, 0) is None]
+        if not unset:
+            continue
+        try:
+            vocab = c.get_text_config().vocab_size
+        except Exception:  # noqa: BLE001 - a config with no text part has no placeholders to fill
+            continue
+        used = set(_token_ids(config.to_dict()))
+        free = (i for i in range(int(vocab) - 1, 0, -1) if i not in used)
+        for k in unset:
+            setattr(c, k, next(free))
 
 
 # keys that index the vision tower's hidden states (depth + 1 of them: the embeddings, then each layer)
@@ -912,6 +950,17 @@ def _side(c: _Ctx) -> int:
     return 2 * max(k, 2)
 
 
+def _patch_row(c: _Ctx, got: dict) -> dict:
+    """Images of any size packed as one row of patches, (1, C, P, patches x P), with each image's
+    patch grid in ``target_sizes`` (batch, 2): MiniCPM-V's variable-resolution tower (the name a
+    forward takes them under says the layout)."""
+    ch, p = _patch_geometry(c)
+    p = int(p[0] if isinstance(p, (list, tuple)) else (p or 14))
+    s = _side(c)
+    return {**got, "pixel_values": c.randn(1, int(ch), p, c.batch * s * s * p).to(c.device),
+            "target_sizes": torch.tensor([[s, s]] * c.batch, dtype=torch.int32, device=c.device)}
+
+
 def _patch_seq(c: _Ctx):
     return c.randn(c.batch, _side(c) ** 2, _patch_width(c))
 
@@ -1230,11 +1279,14 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
     layouts += [{k: v for k, v in g.items() if k != "attention_mask"} for g in layouts
                 if "attention_mask" in g and (a := next((g[k] for k in _AUDIO_KEYS if k in g), None)) is not None
                 and g["attention_mask"].shape[-1] not in a.shape[1:]]
-    px = layouts[0].get("pixel_values")
+    first = layouts[0]
+    px = first.get("pixel_values")
     if px is not None and px.dim() == 4 and _embeds_flat_patches(c):
         # a Linear over flattened patches and no convolution: pixel_values may be patch sequences
         # (Fuyu), or images the model patchifies itself (RADIO): both, images first
-        layouts.append({**layouts[0], "pixel_values": _patch_seq(c)})
+        layouts.append({**first, "pixel_values": _patch_seq(c)})
+    if px is not None and px.dim() == 4 and "target_sizes" in c.params and "target_sizes" not in first:
+        layouts.insert(0, _patch_row(c, first))  # the layout the name says
     missing = [n for n in required if n not in layouts[0] and n not in mains]
     missing += [n for n in mains if n not in layouts[0] and n in params]
     if missing:
@@ -1278,6 +1330,9 @@ def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
     sized = "image_sizes" in c.params and "image_sizes" not in got  # each image's own (H, W) before tiling
     if sized:
         out.append({**got, "image_sizes": torch.tensor([list(x.shape[-2:])] * x.shape[0])})
+        if (tiles := _tile_count(c, x.shape[-1])) is not None:  # any-resolution tiles of each image
+            out.append({**got, "image_sizes": out[-1]["image_sizes"],
+                        "pixel_values": c.randn(x.shape[0], tiles, *x.shape[1:]).to(x.device)})
     for side in IMAGE_SIDES:
         if side > max(x.shape[-2:]):
             g = {**got, "pixel_values": c.randn(x.shape[0], x.shape[1], side, side)}
@@ -1285,6 +1340,19 @@ def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
             if sized:
                 out.append({**g, "image_sizes": torch.tensor([[side, side]] * x.shape[0])})
     return out
+
+
+def _tile_count(c: _Ctx, side: int) -> int | None:
+    """Tiles (the base image + its grid) an any-resolution model (LLaVA-NeXT's
+    ``image_grid_pinpoints``) cuts a ``side`` x ``side`` image into, by the model's own helper."""
+    pins = getattr(c.config, "image_grid_pinpoints", None)
+    count = getattr(sys.modules.get(type(c.model).__module__), "image_size_to_num_patches", None)
+    if not pins or count is None:
+        return None
+    try:
+        return int(count((side, side), pins, side))
+    except Exception:  # noqa: BLE001 - a helper of another signature: no such layout
+        return None
 
 
 def _patch_images(c: _Ctx, x: torch.Tensor) -> list[torch.Tensor]:

@@ -528,3 +528,33 @@ def test_a_text_mask_the_model_applies_to_audio_frames_is_left_out():
     assert "attention_mask" in first and "attention_mask" not in x and "input_features" in x
     with torch.no_grad():
         model(**x)
+
+
+def test_variable_resolution_patches_come_as_one_row_with_their_grids():
+    # MiniCPM-V's tower takes every image as one row of patches, (1, C, P, patches x P), and each
+    # image's patch grid as target_sizes; its default config leaves image_token_id None (a
+    # checkpoint sets it), so the shrunk config gets a free id and the text holds the tower's tokens
+    small = hf.shrink_config(hf.default_config("minicpmv4_6"), 2)
+    assert small.image_token_id is not None and small.image_token_id < small.text_config.vocab_size
+    model = hf.model_class("minicpmv4_6", None)(small).eval()
+    x = hf.example_inputs(model)
+    px, sizes = x["pixel_values"], x["target_sizes"]
+    p = small.vision_config.patch_size
+    assert px.shape[:3] == (1, 3, p) and px.shape[3] == p * int(sizes.prod(-1).sum())
+    assert (x["input_ids"] == small.image_token_id).sum() > 0
+    with torch.no_grad():
+        model(**x)
+
+
+def test_any_resolution_images_come_with_their_tiles():
+    # LLaVA-NeXT cuts each image into the base view plus a grid of tiles picked from
+    # image_grid_pinpoints (whole tiles of the tower's image size, which shrinks with it)
+    small = hf.shrink_config(hf.default_config("llava_next"), 2)
+    side = small.vision_config.image_size
+    assert all(h % side == 0 and w % side == 0 for h, w in small.image_grid_pinpoints)
+    model = hf.model_class("llava_next", None)(small).eval()
+    x = hf.example_inputs(model)
+    assert x["pixel_values"].dim() == 5 and x["pixel_values"].shape[1] > 1
+    assert x["image_sizes"].tolist() == [[side, side]] * x["pixel_values"].shape[0]
+    with torch.no_grad():
+        model(**x)
