@@ -950,6 +950,18 @@ def _side(c: _Ctx) -> int:
     return 2 * max(k, 2)
 
 
+# a tower's sub-config slot and the inputs only that tower reads
+_TOWER_INPUTS = (("vision_config", ("pixel_values", "pixel_values_videos")),
+                 ("audio_config", ("input_features", "input_values", "audio_mel", "audio_values")))
+
+
+def _absent_inputs(c: _Ctx) -> set[str]:
+    """Inputs of towers the config leaves out (Gemma 4's default config: ``vision_config`` and
+    ``audio_config`` None, so the model has no vision or audio tower): nothing would read them."""
+    slots = getattr(c.config, "sub_configs", None) or {}
+    return {k for slot, keys in _TOWER_INPUTS if slot in slots and getattr(c.config, slot, 0) is None for k in keys}
+
+
 def _patch_row(c: _Ctx, got: dict) -> dict:
     """Images of any size packed as one row of patches, (1, C, P, patches x P), with each image's
     patch grid in ``target_sizes`` (batch, 2): MiniCPM-V's variable-resolution tower (the name a
@@ -1250,8 +1262,9 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
     mains = set(main if isinstance(main, (list, tuple)) else [main])
     required = {n for n, p in params.items() if p.default is p.empty}
     got: dict[str, torch.Tensor] = {}
+    absent = _absent_inputs(c) - mains - required
     for name, (when, make) in INPUT_RULES.items():
-        if name not in params or when == "mask":
+        if name not in params or when == "mask" or name in absent:
             continue
         if when.startswith("with-param:"):
             if when[11:] in params and (name in required or name in mains):
@@ -1499,7 +1512,7 @@ def _fill_placeholders(c: _Ctx, got: dict) -> None:
     holes, toks = [], {}
     for kind, key, method in _PLACEHOLDERS:
         tok, fn = _tower(c, kind, method)
-        if tok is None or key not in c.params or fn is None:
+        if tok is None or key not in c.params or fn is None or key in _absent_inputs(c):
             continue
         toks[kind] = tok
         if key not in got:

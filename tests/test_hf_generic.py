@@ -558,3 +558,16 @@ def test_any_resolution_images_come_with_their_tiles():
     assert x["image_sizes"].tolist() == [[side, side]] * x["pixel_values"].shape[0]
     with torch.no_grad():
         model(**x)
+
+
+def test_towers_the_config_leaves_out_get_no_inputs():
+    # Gemma 4's default config has vision_config = audio_config = None: the model has no vision or
+    # audio tower, so no pixels or audio features are made (they would reach a None tower)
+    model = hf.model_class("gemma4", None)(hf.shrink_config(hf.default_config("gemma4"), 2)).eval()
+    assert model.config.vision_config is None and model.config.audio_config is None
+    x = hf.example_inputs(model)
+    assert set(x) == {"input_ids", "attention_mask"}
+    with torch.no_grad():
+        model(**x)
+    full = hf.model_class("llava", None)(hf.shrink_config(hf.default_config("llava"), 2))
+    assert "pixel_values" in hf.example_inputs(full)
