@@ -250,7 +250,10 @@ def _shrink_dict(d: dict, level: int, max_token: int, alt: bool = False, kinds: 
 
 # a model's keys that list layers of the encoders in its sub-configs (DepthPro's intermediate_hook_ids
 # = (11, 5): the patch encoder's hidden states it fuses)
-_LAYER_IDS = r"(.+_)?hook_ids"
+_LAYER_IDS = r"(.+_)?hook_ids|intermediate_layers_indices|cross_attention_layers"
+# of those, the ones that pick the layers of one kind (Mllama's cross-attention layers among its
+# self-attention ones) rather than list features (as many as before, repeats allowed)
+_LAYER_SETS = r"cross_attention_layers"
 
 
 def _fit_pinpoints(d: dict, out: dict) -> None:
@@ -267,17 +270,27 @@ def _fit_pinpoints(d: dict, out: dict) -> None:
 
 
 def _fit_layer_ids(d: dict, out: dict) -> None:
-    """Layer ids into sub-configs whose depth shrank move to the same relative depth."""
-    pairs = {(d[c][k], out[c][k]) for c, v in d.items() if isinstance(v, dict) and isinstance(out.get(c), dict)
-             for k in v if isinstance(k, str) and re.fullmatch(_DEPTH, k) and _is_int(v[k])
-             and _is_int(out[c].get(k)) and out[c][k] != v[k]}
+    """Layer ids into the layers of this config (Mllama's ``intermediate_layers_indices``) or of its
+    sub-configs whose depth shrank move to the same relative depth."""
+    def changed(a, b):  # the depth that shrank: num_hidden_layers where several did (Mllama's global layers)
+        got = {k: (a[k], b[k]) for k in a if isinstance(k, str) and re.fullmatch(_DEPTH, k)
+               and _is_int(a[k]) and _is_int(b.get(k)) and b[k] != a[k]}
+        return {got["num_hidden_layers"]} if "num_hidden_layers" in got else set(got.values())
+
+    pairs = changed(d, out) or {p for c, v in d.items() if isinstance(v, dict) and isinstance(out.get(c), dict)
+                                for p in changed(v, out[c])}
     if len(pairs) != 1:
         return
     (old, new), = pairs
     for k, v in d.items():
         if isinstance(k, str) and re.fullmatch(_LAYER_IDS, k) and isinstance(v, (list, tuple)) and v \
                 and all(_is_int(i) and 0 <= i < old for i in v):
-            out[k] = type(v)(j - 1 for j in _rescale_indices([i + 1 for i in v], old, new, low=1))
+            fit = [j - 1 for j in _rescale_indices([i + 1 for i in v], old, new, low=1)]
+            if re.fullmatch(_LAYER_SETS, k):  # the layers of one kind: each once, and never all of them
+                fit = sorted(set(fit))
+                if len(fit) == new and len(set(v)) < old:
+                    fit = fit[1:]
+            out[k] = type(v)(fit)
 
 
 def _backbone_outputs(d: dict, old: int) -> list[int] | None:
@@ -431,6 +444,10 @@ def _couple(d: dict, small: dict) -> dict:
             if k == key and all(_is_int(src.get(p)) and _is_int(dst.get(p)) and src[p] > 0 and dst[p] > 0
                                 for p in (num, den)) and v == src[num] // src[den]:
                 dst[k] = max(dst[num] // dst[den], 1)
+        if k in MULTIPLE_TIES and new == v:
+            src, dst, w = _get(d, path), _get(small, path), MULTIPLE_TIES[k]
+            if _is_int(src.get(w)) and _is_int(dst.get(w)) and src[w] > 0 and v % src[w] == 0:
+                dst[k] = v // src[w] * dst[w]
     _couple_lists(d, small)
     return small
 
@@ -502,6 +519,9 @@ def _leaf_ints(a: dict, b: dict, path=()):
 # key: (numerator, denominator) - a count the default config makes a quotient of two others (SAM's
 # prompt encoder's image_embedding_size = image_size / patch_size: the grid its dense prompt covers)
 QUOTIENT_TIES = {"image_embedding_size": ("image_size", "patch_size")}
+# key: width - a width the default config makes a whole multiple of another (Mllama's vision_output_dim
+# = hidden_size x (1 + its intermediate layers): the features it concatenates) keeps the multiple
+MULTIPLE_TIES = {"vision_output_dim": "hidden_size"}
 SUM_TIES = (("head_dim", ("qk_nope_head_dim", "qk_rope_head_dim")),
             ("qk_head_dim", ("qk_nope_head_dim", "qk_rope_head_dim")))
 
@@ -962,6 +982,18 @@ def _absent_inputs(c: _Ctx) -> set[str]:
     return {k for slot, keys in _TOWER_INPUTS if slot in slots and getattr(c.config, slot, 0) is None for k in keys}
 
 
+def _tiled(c: _Ctx, got: dict) -> dict:
+    """Images cut into up to ``max_num_tiles`` tiles (Mllama): (batch, 1 image, tiles, C, H, W), the
+    image's aspect-ratio id (1: the first supported ratio, one tile; 0 pads) and its tile mask."""
+    x = got["pixel_values"]
+    tiles = int(c.first(c.sub("vision"), "max_num_tiles", default=4))
+    mask = torch.zeros(x.shape[0], 1, tiles, dtype=torch.long)
+    mask[..., 0] = 1
+    return {**got, "pixel_values": c.randn(x.shape[0], 1, tiles, *x.shape[1:]).to(x.device),
+            "aspect_ratio_ids": torch.ones(x.shape[0], 1, dtype=torch.long, device=x.device),
+            "aspect_ratio_mask": mask.to(x.device)}
+
+
 def _patch_row(c: _Ctx, got: dict) -> dict:
     """Images of any size packed as one row of patches, (1, C, P, patches x P), with each image's
     patch grid in ``target_sizes`` (batch, 2): MiniCPM-V's variable-resolution tower (the name a
@@ -1142,6 +1174,12 @@ INPUT_RULES: dict[str, tuple[str, Callable]] = {
     "pixel_position_ids": ("with:pixel_values", _pixel_position_ids),
     "pixel_attention_mask": ("with:spatial_shapes", lambda c: torch.ones(c.batch, _side(c) ** 2, dtype=torch.long)),
     "flattened_patches": ("always", lambda c: _flattened_patches(c)),
+    # region features of a detector and their boxes (LXMERT): num_visual_features x visual_feat_dim
+    "visual_feats": ("always", lambda c: c.randn(c.batch, SEQ, int(c.first(c.config, "visual_feat_dim", default=2048)))),
+    "visual_pos": ("with:visual_feats", lambda c: torch.rand(c.batch, SEQ, int(c.first(c.config, "visual_pos_dim", default=4)),
+                                                             generator=c.g)),
+    # the language adapter each sample runs through (X-MOD): the first
+    "lang_ids": ("with:input_ids", lambda c: torch.zeros(c.batch, dtype=torch.long)),
     "input_values": ("always", _input_values),
     "input_features": ("always", _input_features),
     "audio_mel": ("always", _input_features),  # a mel spectrogram under its own name (Gemma3n's)
@@ -1300,6 +1338,8 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
         layouts.append({**first, "pixel_values": _patch_seq(c)})
     if px is not None and px.dim() == 4 and "target_sizes" in c.params and "target_sizes" not in first:
         layouts.insert(0, _patch_row(c, first))  # the layout the name says
+    if px is not None and px.dim() == 4 and "aspect_ratio_ids" in c.params and "aspect_ratio_ids" not in first:
+        layouts.insert(0, _tiled(c, first))  # the layout the names say
     missing = [n for n in required if n not in layouts[0] and n not in mains]
     missing += [n for n in mains if n not in layouts[0] and n in params]
     if missing:
@@ -1333,13 +1373,15 @@ IMAGE_SIDES = (224, 640)
 
 def _image_layouts(c: _Ctx, got: dict) -> list[dict]:
     """Images as (batch, C, H, W) or, for models that take several images per sample, (batch, 1,
-    C, H, W); then larger square sides (``IMAGE_SIDES``) where the image is smaller."""
+    C, H, W) and (batch, 2, C, H, W); then larger square sides (``IMAGE_SIDES``) where the image is smaller."""
     x = got.get("pixel_values")
     if x is not None and x.dim() == 2:  # packed flat patches: some towers take them as patch images
         return [got] + [{**got, "pixel_values": p} for p in _patch_images(c, x)]
     if x is None or x.dim() != 4:
         return [got]
-    out = [got, {**got, "pixel_values": x[:, None]}]
+    # one image per sample as a stack of one, then pairs (keypoint matchers: LightGlue takes two)
+    out = [got, {**got, "pixel_values": x[:, None]},
+           {**got, "pixel_values": torch.stack([x, x.flip(-1)], 1)}]  # the pair's second: a mirror (no draw)
     sized = "image_sizes" in c.params and "image_sizes" not in got  # each image's own (H, W) before tiling
     if sized:
         out.append({**got, "image_sizes": torch.tensor([list(x.shape[-2:])] * x.shape[0])})

@@ -571,3 +571,22 @@ def test_towers_the_config_leaves_out_get_no_inputs():
         model(**x)
     full = hf.model_class("llava", None)(hf.shrink_config(hf.default_config("llava"), 2))
     assert "pixel_values" in hf.example_inputs(full)
+
+
+def test_tiled_images_region_features_language_ids_and_image_pairs():
+    # Mllama: (batch, images, max_num_tiles, C, H, W) with aspect-ratio ids (1: one tile) and a tile
+    # mask; LXMERT: detector regions and their boxes; X-MOD: a language adapter per sample;
+    # LightGlue: two images per sample
+    for name in ("mllama", "lxmert", "xmod", "lightglue"):
+        model = hf.model_class(name, None)(hf.shrink_config(hf.default_config(name), 2)).eval()
+        x = hf.example_inputs(model) if name != "lightglue" else hf.input_layouts(model)[2]
+        with torch.no_grad():
+            model(**x)
+        if name == "mllama":
+            tiles = model.config.vision_config.max_num_tiles
+            assert x["pixel_values"].shape[1:3] == (1, tiles) and x["aspect_ratio_ids"].tolist() == [[1]] * 2
+            assert x["aspect_ratio_mask"][..., 0].all() and not x["aspect_ratio_mask"][..., 1:].any()
+        if name == "lxmert":
+            assert x["visual_pos"].shape[-1] == model.config.visual_pos_dim
+        if name == "lightglue":
+            assert x["pixel_values"].shape[1] == 2

@@ -165,3 +165,14 @@ def test_sam2_keeps_its_fpn_channels_and_feature_sizes_tied_to_the_hiera_tower()
     model = hf.model_class("sam2_vision_model", None)(small).eval()
     with torch.no_grad():
         model(**hf.example_inputs(model))
+
+
+def test_layer_lists_of_the_same_config_follow_its_depth():
+    # Mllama's tower concatenates the features of intermediate layers 3, 7, 15, 23, 30 (of 32) with
+    # its last: at 2 layers they index layers that exist and vision_output_dim stays hidden x 6;
+    # its text model's cross-attention layers keep one layer of each kind
+    small = hf.shrink_config(hf.default_config("mllama"), 2)
+    v, t = small.vision_config, small.text_config
+    assert all(0 <= i < v.num_hidden_layers for i in v.intermediate_layers_indices)
+    assert v.vision_output_dim == v.hidden_size * (len(v.intermediate_layers_indices) + 1)
+    assert t.num_hidden_layers == 2 and list(t.cross_attention_layers) == [1]
