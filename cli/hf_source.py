@@ -237,17 +237,20 @@ def structural_job(name: str, stage: Callable[..., None] | None = None) -> dict:
     if type(model).forward is torch.nn.Module.forward:
         return jobs._finish(_plan_without_forward(model, row, stage), t0, src)
     try:
-        layouts = hf.input_layouts(model)  # the first; the others only where it does not fit (below)
-        inputs = layouts[0]
+        layouts = hf.iter_layouts(model)  # the first; the others only where it does not fit (below)
+        inputs = next(layouts)
         row["inputs"] = _shapes(inputs)
     except Exception as e:  # noqa: BLE001 - the model builds: a failure to plan it, not to create it
         row["status"], row["error"] = "fail_plan", "example inputs: " + jobs._err(e)
         return jobs._finish(row, t0, src)
     with hf.meta_values():  # masks and counts read on meta answer "all ones"
         row["status"] = jobs.structural(model, row, stage, plan_from=(model, inputs))
-        if row["status"] == "fail_plan":
+        # another layout helps where the inputs did not fit, not where meta cannot run the model
+        # (an op with no meta kernel, a value read: NotImplementedError); that case goes to the real
+        # builds below, at once
+        if row["status"] == "fail_plan" and "NotImplementedError" not in row["error"]:
             first_error = row["error"]
-            for alt in layouts[1:]:
+            for alt in layouts:
                 row["error"] = ""
                 row["status"] = jobs.structural(model, row, stage, plan_from=(model, alt))
                 if row["status"] == "pass":

@@ -22,13 +22,13 @@ import math
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 __all__ = ["model_types", "model_class", "default_config", "shrink_config", "build", "example_inputs",
-           "input_layouts", "meta_values", "SHRINK_RULES", "INPUT_RULES"]
+           "input_layouts", "iter_layouts", "meta_values", "SHRINK_RULES", "INPUT_RULES"]
 
 
 def _tf():
@@ -1178,6 +1178,8 @@ INPUT_RULES: dict[str, tuple[str, Callable]] = {
     "visual_feats": ("always", lambda c: c.randn(c.batch, SEQ, int(c.first(c.config, "visual_feat_dim", default=2048)))),
     "visual_pos": ("with:visual_feats", lambda c: torch.rand(c.batch, SEQ, int(c.first(c.config, "visual_pos_dim", default=4)),
                                                              generator=c.g)),
+    # a vocoder's mel spectrogram, (batch, frames, model_in_dim) (HiFi-GAN)
+    "spectrogram": ("always", lambda c: c.randn(c.batch, 2 * SEQ, int(c.first(c.config, "model_in_dim", default=80)))),
     # the language adapter each sample runs through (X-MOD): the first
     "lang_ids": ("with:input_ids", lambda c: torch.zeros(c.batch, dtype=torch.long)),
     "input_values": ("always", _input_values),
@@ -1195,7 +1197,9 @@ INPUT_RULES: dict[str, tuple[str, Callable]] = {
 # what the dimension names of forward's docstrings ("of shape `(batch_size, sequence_length)`") mean
 _BATCH_DIMS = {"batch_size", "batch", "num_images", "num_audios", "num_images_or_videos"}
 _SEQ_DIMS = {"sequence_length", "seq_len", "seq_length", "num_tokens", "target_sequence_length", "frames",
-             "num_frames", "max_num_frames", "time", "length"}
+             "num_frames", "max_num_frames", "time", "length", "episode_length"}
+# image dimensions a docstring names: the vision config's image size, (height, width)
+_IMAGE_DIMS = {"height": 0, "width": -1}
 _DOC_ARG = re.compile(r"^\s*(\w+) \(`([^`]*)`[^\n]*?of shape `?\(([^`)]*)\)`?", re.M)
 
 
@@ -1222,6 +1226,10 @@ def _dim(c: _Ctx, name: str) -> int | None:
         return c.seq
     if name == "hidden_size":
         return _width(c)
+    if name in _IMAGE_DIMS:
+        size = c.first(c.sub("vision"), "image_size", "img_size", default=None)
+        size = size[_IMAGE_DIMS[name]] if isinstance(size, (list, tuple)) and size else size
+        return int(size) if _is_int(size) and size > 0 else None
     for cfg in _sub_configs(c.config):
         v = getattr(cfg, name, None)
         if _is_int(v) and v > 0:
@@ -1246,7 +1254,7 @@ def _from_doc(c: _Ctx, name: str) -> torch.Tensor | None:
             return c.randn(*sizes)
     if name.endswith("input_ids"):
         return _ordinary_ids(c, c.seq)
-    if name.endswith("_embeds") and (w := _width(c)):
+    if name.endswith(("_embeds", "hidden_states")) and (w := _width(c)):
         return c.randn(c.batch, c.seq, w)
     return None
 
@@ -1274,19 +1282,27 @@ def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: i
     as (batch, samples) or (batch, 1, samples), features frames- or bins-first, one image or
     several per sample: :func:`input_layouts`), the first layout that one forward of the model
     runs on (no_grad; on meta, under :func:`meta_values`); the first layout where none does."""
-    layouts = input_layouts(model, batch, seq_len, seed, device)
-    if probe and len(layouts) > 1:
-        for got in layouts:
+    layouts = iter_layouts(model, batch, seq_len, seed, device)
+    first, second = next(layouts), next(layouts, None)
+    if probe and second is not None:  # one layout: nothing to choose
+        for got in itertools.chain([first, second], layouts):
             if _runs(model, got):
                 return got
-    return layouts[0]
+    return first
 
 
 def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: int = 0,
                   device: str | torch.device | None = None) -> list[dict[str, torch.Tensor]]:
     """The example inputs (:func:`example_inputs`) in each layout the config leaves open, the most
     likely first: a caller that runs the model anyway (a planner) can take the first and try the
-    others only where it does not fit."""
+    others only where it does not fit (:func:`iter_layouts` makes each only when asked)."""
+    return list(iter_layouts(model, batch, seq_len, seed, device))
+
+
+def iter_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: int = 0,
+                 device: str | torch.device | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`input_layouts` one at a time: each layout's placeholders are filled (a run of the
+    model's tower, which counts its features) only when the caller asks for that layout."""
     tf = _tf()
     if not isinstance(model, tf.PreTrainedModel):
         raise TypeError(f"example_inputs wants a transformers PreTrainedModel, got {type(model).__name__}; "
@@ -1345,7 +1361,10 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
     if missing:
         raise ValueError(f"nerofy.example_inputs cannot make {', '.join(sorted(set(missing)))} for "
                          f"{type(model).__name__}.forward; pass example inputs of your own")
-    out = []
+    return _filled(c, layouts)
+
+
+def _filled(c: _Ctx, layouts: list[dict]) -> Iterator[dict[str, torch.Tensor]]:
     for got in layouts:
         got = {k: v.to(c.device) for k, v in got.items()}
         _fill_placeholders(c, got)  # per layout: how many features a tower makes depends on it
@@ -1354,8 +1373,7 @@ def input_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: in
             # several images per sample, cross-attended (IDEFICS): every token sees every image
             got["image_attention_mask"] = torch.ones(*got["input_ids"].shape, px.shape[1], dtype=torch.long,
                                                      device=c.device)
-        out.append(got)
-    return out
+        yield got
 
 
 # Audio inputs come in more layouts than the config says: (batch, samples) or (batch, channels,

@@ -590,3 +590,24 @@ def test_tiled_images_region_features_language_ids_and_image_pairs():
             assert x["visual_pos"].shape[-1] == model.config.visual_pos_dim
         if name == "lightglue":
             assert x["pixel_values"].shape[1] == 2
+
+
+def test_inputs_from_docstrings_vocoder_spectrograms_and_lazy_layouts():
+    # HiFi-GAN vocoders take (batch, frames, model_in_dim) mel frames; FLAVA's multimodal encoder
+    # takes hidden states (batch, seq, hidden) whose documented length is a sum no config states
+    for name in ("speecht5_hifigan", "flava_multimodal_model"):
+        model = hf.model_class(name, None)(hf.shrink_config(hf.default_config(name), 2)).eval()
+        x = hf.example_inputs(model)
+        if name == "speecht5_hifigan":
+            assert x["spectrogram"].shape[-1] == model.config.model_in_dim
+        else:
+            assert x["hidden_states"].shape[-1] == model.config.hidden_size
+        with torch.no_grad():
+            model(**x)
+    # iter_layouts makes the same layouts as input_layouts, one at a time
+    model = hf.model_class("whisper", None)(hf.shrink_config(hf.default_config("whisper"), 2))
+    lazy = hf.iter_layouts(model)
+    assert not isinstance(lazy, list)
+    eager = hf.input_layouts(model)
+    for a, b in zip(lazy, eager, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
