@@ -1278,7 +1278,8 @@ def example_inputs(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: i
     ``input_values`` / ``input_features`` from the audio config, video frames, bounding boxes,
     decoder ids for encoder-decoders, and both towers of a multimodal model (with the image
     placeholder tokens its vision tower's features fill). Tensors go to ``device`` (default: the
-    model's own, ``meta`` included). ``probe``: where the layout is not fixed by the config (audio
+    model's own, ``meta`` included; on meta, integer and boolean tensors stay on the CPU with their
+    values, as forwards read them: run such a forward under :func:`meta_values`). ``probe``: where the layout is not fixed by the config (audio
     as (batch, samples) or (batch, 1, samples), features frames- or bins-first, one image or
     several per sample: :func:`input_layouts`), the first layout that one forward of the model
     runs on (no_grad; on meta, under :func:`meta_values`); the first layout where none does."""
@@ -1364,9 +1365,17 @@ def iter_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: int
     return _filled(c, layouts)
 
 
+def _keeps_values(c: _Ctx, name: str, t: torch.Tensor) -> bool:
+    """On meta, integer and boolean inputs (ids, token types, image grids and sizes, masks) stay on
+    the CPU with their values: forwards read them (``grid.tolist()``, ``ids == image_token_id``,
+    a group-by over token types) to split, count and reshape, and a meta tensor has no values.
+    Where such a tensor meets the meta model, the op runs on meta (:func:`meta_values`)."""
+    return c.device.type == "meta" and t.device.type == "cpu" and not t.is_floating_point()
+
+
 def _filled(c: _Ctx, layouts: list[dict]) -> Iterator[dict[str, torch.Tensor]]:
     for got in layouts:
-        got = {k: v.to(c.device) for k, v in got.items()}
+        got = {k: v if _keeps_values(c, k, v) else v.to(c.device) for k, v in got.items()}
         _fill_placeholders(c, got)  # per layout: how many features a tower makes depends on it
         px = got.get("pixel_values")
         if px is not None and px.dim() == 5 and "image_attention_mask" in c.params and "input_ids" in got:
@@ -1519,7 +1528,8 @@ def _stacked_widths(model: nn.Module, bins: int) -> list[int]:
 
 
 def _runs(model: nn.Module, inputs: dict) -> bool:
-    meta = any(v.device.type == "meta" for v in inputs.values() if isinstance(v, torch.Tensor))
+    meta = any(t.device.type == "meta" for t in itertools.chain(
+        model.parameters(), (v for v in inputs.values() if isinstance(v, torch.Tensor))))
     try:
         with torch.no_grad(), (meta_values() if meta else contextlib.nullcontext()):
             model(**inputs)
@@ -1605,11 +1615,22 @@ def _fill_placeholders(c: _Ctx, got: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # forwards on meta that read values
 # ---------------------------------------------------------------------------------------------
+def _has_meta(args, kwargs) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta"
+               for t in torch.utils._pytree.tree_leaves((args, kwargs)))
+
+
+def _to_meta(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "meta" else t.to("meta")
+
+
 def meta_values():
     """A context in which a forward on ``meta`` tensors may read values: a scalar read (``.item()``,
     ``if mask.any():``) answers True / 1, and a data-dependent selection (``nonzero``, boolean-mask
-    indexing) keeps every element, as if every mask were all ones. The shapes that follow are the
-    full ones, which is what a structural trace needs; no value is computed."""
+    indexing) keeps every element, as if every mask were all ones. A CPU tensor (an input with
+    values, a tensor the forward built without a device) that meets a meta one is taken to meta,
+    and a meta tensor moved to the CPU stays on meta. The shapes that follow are the full ones,
+    which is what a structural trace needs; no value is computed."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     aten = torch.ops.aten
@@ -1626,9 +1647,36 @@ def meta_values():
                 if func is aten._grouped_mm.default and x.dim() == 2 and args[1].dim() == 3:
                     # experts' grouped matmul: the meta kernel wants bf16; the shape is (tokens, out)
                     return torch.empty((x.shape[0], args[1].shape[-1]), dtype=x.dtype, device="meta")
+                if func is aten._to_copy.default and kwargs.get("device") is not None \
+                        and torch.device(kwargs["device"]).type == "cpu":
+                    # moved to where an input with values lives (ids.device): it stays on meta
+                    return func(x, **{**kwargs, "device": torch.device("meta")})
                 if func is aten.masked_select.default:
                     return torch.empty((torch.broadcast_shapes(x.shape, args[1].shape).numel(),), dtype=x.dtype,
                                        device="meta")
-            return func(*args, **kwargs)
+            try:
+                return func(*args, **kwargs)
+            except RuntimeError as e:
+                # a tensor the forward made on the CPU (torch.tensor(...) with no device) meeting the
+                # meta model: on the model's own device it would be there; the op runs on meta
+                if "device" not in str(e) or not _has_meta(args, kwargs):
+                    raise
+                args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _to_meta, (args, kwargs))
+                return func(*args, **kwargs)
+
+        # meta kernels that select by a mask inside them (boolean indexing, index_put_ with a mask)
+        # call nonzero there, below this mode: torch's own switch gives them the same answer
+        def __enter__(self):
+            import torch.fx.experimental._config as fx_config
+
+            self._patch = fx_config.patch(meta_nonzero_assume_all_nonzero=True)
+            self._patch.__enter__()
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            try:
+                return super().__exit__(*exc)
+            finally:
+                self._patch.__exit__(*exc)
 
     return _MetaValues()

@@ -162,7 +162,8 @@ def test_example_inputs_on_meta_at_the_default_size():
     assert info["level"] is None
     assert sum(p.numel() for p in model.parameters()) == 109_482_240  # bert-base
     x = hf.example_inputs(model)
-    assert all(v.device.type == "meta" for v in x.values()) and "attention_mask" not in x
+    # ids keep their values on the CPU (forwards compare them with placeholder ids); no all-ones mask
+    assert x["input_ids"].device.type == "cpu" and "attention_mask" not in x
     with hf.meta_values():
         plan = nerofy.plan(model, x)
     assert plan.frontend == "record" and not [e for e in plan if e.role == "free"]
@@ -283,16 +284,16 @@ def test_audio_inputs_take_the_layout_the_forward_runs_on(small):
 
 
 def test_structural_row_plans_for_real_where_the_meta_forward_reads_values():
-    """A vision tower whose forward turns its grid into Python ints (``.tolist()``) cannot run on
-    meta: the row is planned from the shrunk model built for real and says so (``plan_from``,
-    ``meta_error``, ``small_params``), with the full-size parameter count from meta."""
+    """A forward that looks its experts up in a dict by a tensor's value cannot run on meta (a meta
+    tensor has no value to hash): the row is planned from the shrunk model built for real and says
+    so (``plan_from``, ``meta_error``, ``small_params``), with the full-size parameter count from meta."""
     from cli.hf_source import structural_job
 
-    row = structural_job("qwen2_5_vl_vision")
+    row = structural_job("switch_transformers")
     assert row["status"] == "pass", row["error"]
-    assert row["plan_from"] == "small" and row["meta_error"]
+    assert row["plan_from"] == "small" and "KeyError" in row["meta_error"]
     with torch.device("meta"):
-        full = hf.model_class("qwen2_5_vl_vision")(hf.default_config("qwen2_5_vl_vision"))
+        full = hf.model_class("switch_transformers")(hf.default_config("switch_transformers"))
     assert row["total_params"] == sum(p.numel() for p in full.parameters()) > 100 * row["small_params"]
     assert sum(row["params_by_role"].values()) == row["small_params"]
 
@@ -611,3 +612,38 @@ def test_inputs_from_docstrings_vocoder_spectrograms_and_lazy_layouts():
     eager = hf.input_layouts(model)
     for a, b in zip(lazy, eager, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_meta_values_select_by_masks_and_run_cpu_tensors_on_meta():
+    """Under ``meta_values`` a meta forward may select by a mask inside a kernel (boolean
+    indexing, masked assignment: every element kept) and meet tensors it made on the CPU (the op
+    runs on meta); outside it both fail as torch makes them fail."""
+    x = torch.empty(4, 5, device="meta")
+    m = torch.empty(4, 5, dtype=torch.bool, device="meta")
+    with pytest.raises(NotImplementedError):
+        x[m]
+    with pytest.raises(RuntimeError, match="device"):
+        x + torch.ones(5)
+    with hf.meta_values():
+        assert x[m].shape == (20,)
+        x[m] = 1.0
+        y = x + torch.arange(5.0)  # a CPU tensor the forward built
+        assert y.device.type == "meta" and y.shape == (4, 5)
+        with pytest.raises(RuntimeError, match="broadcast"):
+            x + torch.ones(3)  # a wrong shape stays an error
+    import torch.fx.experimental._config as fx_config
+    assert not fx_config.meta_nonzero_assume_all_nonzero  # torch's switch is restored
+
+
+def test_meta_inputs_keep_the_values_forwards_read():
+    """On meta, integer inputs (an image grid, ids) stay on the CPU with their values, floats go to
+    meta: a variable-resolution vision tower that splits its patches by ``grid.tolist()`` plans at
+    its full size on meta."""
+    model, _ = hf.build("qwen2_5_vl_vision", "default", device="meta")
+    x = hf.example_inputs(model)
+    assert x["grid_thw"].device.type == "cpu" and x["grid_thw"].dtype == torch.long
+    assert x["hidden_states"].device.type == "meta"
+    assert int(x["grid_thw"].prod(-1).sum()) == x["hidden_states"].shape[0]
+    with hf.meta_values():
+        plan = nerofy.plan(model, x)
+    assert sum(e.numel() for e in plan) == sum(p.numel() for p in model.parameters()) > 500_000_000
