@@ -1365,7 +1365,7 @@ def iter_layouts(model: nn.Module, batch: int = 2, seq_len: int = SEQ, seed: int
     return _filled(c, layouts)
 
 
-def _keeps_values(c: _Ctx, name: str, t: torch.Tensor) -> bool:
+def _keeps_values(c: _Ctx, t: torch.Tensor) -> bool:
     """On meta, integer and boolean inputs (ids, token types, image grids and sizes, masks) stay on
     the CPU with their values: forwards read them (``grid.tolist()``, ``ids == image_token_id``,
     a group-by over token types) to split, count and reshape, and a meta tensor has no values.
@@ -1375,7 +1375,7 @@ def _keeps_values(c: _Ctx, name: str, t: torch.Tensor) -> bool:
 
 def _filled(c: _Ctx, layouts: list[dict]) -> Iterator[dict[str, torch.Tensor]]:
     for got in layouts:
-        got = {k: v if _keeps_values(c, k, v) else v.to(c.device) for k, v in got.items()}
+        got = {k: v if _keeps_values(c, v) else v.to(c.device) for k, v in got.items()}
         _fill_placeholders(c, got)  # per layout: how many features a tower makes depends on it
         px = got.get("pixel_values")
         if px is not None and px.dim() == 5 and "image_attention_mask" in c.params and "input_ids" in got:
@@ -1642,8 +1642,6 @@ def meta_values():
             if isinstance(x, torch.Tensor) and x.device.type == "meta":
                 if func is aten._local_scalar_dense.default:
                     return True if x.dtype == torch.bool else (1.0 if x.dtype.is_floating_point else 1)
-                if func is aten.nonzero.default:
-                    return torch.empty((x.numel(), x.dim()), dtype=torch.long, device="meta")
                 if func is aten._grouped_mm.default and x.dim() == 2 and args[1].dim() == 3:
                     # experts' grouped matmul: the meta kernel wants bf16; the shape is (tokens, out)
                     return torch.empty((x.shape[0], args[1].shape[-1]), dtype=x.dtype, device="meta")
@@ -1664,8 +1662,8 @@ def meta_values():
                 args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, _to_meta, (args, kwargs))
                 return func(*args, **kwargs)
 
-        # meta kernels that select by a mask inside them (boolean indexing, index_put_ with a mask)
-        # call nonzero there, below this mode: torch's own switch gives them the same answer
+        # nonzero keeps every element through torch's own switch: it reaches the meta kernels that
+        # select by a mask inside them (boolean indexing, index_put_ with a mask), below this mode
         def __enter__(self):
             import torch.fx.experimental._config as fx_config
 
