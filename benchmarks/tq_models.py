@@ -97,3 +97,10 @@ def vit_tiny() -> nn.Module:
 def resnet18() -> nn.Module:
     import timm
     return timm.create_model("resnet18", in_chans=1, num_classes=10)
+
+
+def mobilenetv2() -> nn.Module:
+    """A BN CNN with a long chain of layers in series: 23 from input to head (residual sums only
+    inside each stage), so nerofy.wrap's cap factor applies (12 / 23)."""
+    import timm
+    return timm.create_model("mobilenetv2_100", in_chans=1, num_classes=10)

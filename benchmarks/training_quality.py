@@ -25,6 +25,8 @@ Benchmarks (``--bench``; data and models in benchmarks/tq_models.py):
   vit_tiny    timm vit_tiny_patch16_224 (img_size 16, patch_size 2, depth 6, 1 channel) on the digits
               upsampled bilinearly to 16x16, batch 50, 16 epochs. Metric: final test accuracy.
   resnet18    timm resnet18 (1 channel) on the same images, batch 50, 8 epochs. Metric: final test accuracy.
+  mobilenetv2 timm mobilenetv2_100 (1 channel; 23 weighted layers in series) on the same images, batch 50,
+              8 epochs. Metric: final test accuracy.
 Classification: full batches only, a fresh permutation per epoch from a generator seeded by the seed.
 Language models: random crops from char_lm.batches (seed 100 + seed); validation on 8 fixed held-out
 batches (char_lm.batches(val, 8, 16, 64, 7)); bert masks both as above.
@@ -37,6 +39,12 @@ Configurations (``--configs``; each gets the plain model built right after torch
                          neuron's step at 2 lr: ||g|| / sqrt(v_hat) at most 2)
   nerofy clip 1 / 2 / 3  ... clip=1 / 2 / 3: the cap at 1, 2 (the default) or 3 lr
   nerofy clip 1.5        ... clip=1.5
+  nerofy clip 0.5        ... clip=0.5
+  nerofy previous defaults  ... chain_ref=None, clip_v=False: the defaults of 2026-12-03 to 12-07 (the cap
+                         at 2 lr on every network, the running average of the whole gradient)
+  nerofy no chain factor ... chain_ref=None: the cap at 2 lr whatever the number of layers in series
+  nerofy whole-gradient v  ... clip_v=False: Nero's running average takes the whole gradient (the paper's),
+                         not the gradient clipped at the cap
   nerofy clip 1 neurons  experiment: clip 1 for per-neuron tensors, none for elementwise ones (biases, gains)
   nerofy clip 1 neurons 3 elements   ... and clip 3 for elementwise ones
   nerofy beta 0.99       ... beta=0.99: a faster running average (the paper's is 0.999)
@@ -148,6 +156,7 @@ BENCHES.update(
     bert=Bench(M.bert, "bytes", steps=800, eval_every=200, batch=16, tables=True, task="mlm"),
     vit_tiny=Bench(M.vit_tiny, "images", epochs=16, tables=True),
     resnet18=Bench(M.resnet18, "images", epochs=8),
+    mobilenetv2=Bench(M.mobilenetv2, "images", epochs=8),
 )
 CTX, VAL_BATCHES = 64, 8
 MLM_RATE, IGNORE = 0.15, -100  # IGNORE: F.cross_entropy's default ignore_index (no clm target is negative)
@@ -314,6 +323,10 @@ CONFIGS = {
     "nerofy clip 2": _wrap(clip=2.0),
     "nerofy clip 3": _wrap(clip=3.0),
     "nerofy clip 1.5": _wrap(clip=1.5),
+    "nerofy clip 0.5": _wrap(clip=0.5),
+    "nerofy previous defaults": _wrap(chain_ref=None, clip_v=False),
+    "nerofy no chain factor": _wrap(chain_ref=None),
+    "nerofy whole-gradient v": _wrap(clip_v=False),
     "nerofy clip 1 neurons": _clip_by_layout(1.0, None),
     "nerofy clip 1 neurons 3 elements": _clip_by_layout(1.0, 3.0),
     "nerofy beta 0.99": _wrap(beta=0.99),

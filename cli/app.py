@@ -301,6 +301,7 @@ def _print_summary(res: dict, plan) -> None:
     out.print(f"tracer: [bold]{plan.frontend}[/bold]" + (f" (after {escape('; '.join(fails))})" if fails else ""))
     out.print(f"constrained: [bold]{s['constrained_share']:.1%}[/bold] of trainable parameters "
               f"(zero-mean neurons and table vectors, norm = their fixed gain)")
+    out.print(escape(plan.chain_note()))
     ax = res.get("axes") or {}
     if ax:
         out.print("axes verified: " + ", ".join(f"{k} {v}" for k, v in ax.items()))
@@ -374,6 +375,7 @@ def plan_cmd(
         s = p.summary()
         out.print(f"tracer: {p.frontend}; constrained: {s['constrained_share']:.1%} of trainable parameters; "
                   + ", ".join(f"{r}: {c}" for r, c in s["tensors"].items() if c))
+        out.print(escape(p.chain_note()))
         for w in p.warnings:
             out.print(f"[yellow]warning:[/yellow] {escape(w)}")
 

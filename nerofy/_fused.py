@@ -67,11 +67,13 @@ static inline double hsum(v8 a) { double s = 0.0; for (int j = 0; j < 8; j++) s 
    meta (int64, 6 per tensor): weight ptr, grad ptr, v ptr, rows, cols, flags.
      cols == 0: elementwise tensor of `rows` elements (v per element, no constraint);
      else `rows` neurons of `cols` contiguous floats each, v per neuron; flags: 1 centre, 2 normalise.
-   fmeta (double, 2 per tensor): lr * scale, 1 / (1 - beta^step).
+   fmeta (double, 3 per tensor): lr * scale, 1 / (1 - beta^step), 1 / (1 - beta^(step-1)) (0 at step 1).
    clipinv: 1 / clip (0: none): the denominator is at least ||g|| * clipinv (|g| per element).
+   vclipinv: v takes ||g||^2 at most vclip^2 * v_hat of the step before, where that v is not 0
+   (0: no limit).
    Returns the number of neurons/elements whose non-finite gradient was treated as zero. */
 int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, double beta, double eps,
-                        double clipinv, int skip, int nthreads, int64_t chunk_bytes) {
+                        double clipinv, double vclipinv, int skip, int nthreads, int64_t chunk_bytes) {
     int64_t ntasks = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t rows = meta[6*i+3], cols = meta[6*i+4];
@@ -91,6 +93,7 @@ int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, dou
         }
     }
     const float fb = (float)beta, f1b = (float)(1.0 - beta), feps = (float)eps, fci = (float)clipinv;
+    const float fc2 = vclipinv > 0.0 ? (float)(1.0 / (vclipinv * vclipinv)) : 0.0f;   /* vclip^2 */
     int64_t skipped = 0;
 #ifdef _OPENMP
     #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1) reduction(+:skipped) if(nthreads > 1)
@@ -101,12 +104,14 @@ int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, dou
         const float* g = (const float*)(intptr_t)meta[6*i+1];
         float* v = (float*)(intptr_t)meta[6*i+2];
         const int64_t cols = meta[6*i+4], flags = meta[6*i+5];
-        const float lrs = (float)fmeta[2*i], bc = (float)fmeta[2*i+1];
+        const float lrs = (float)fmeta[3*i], bc = (float)fmeta[3*i+1], lim = fc2 * (float)fmeta[3*i+2];
         if (cols == 0) {                                   /* elementwise */
             for (int64_t e = tasks[j].a; e < tasks[j].b; e++) {
                 float gi = g[e];
                 if (skip && !isfinite(gi)) { gi = 0.0f; skipped++; }
-                float vi = fb * v[e] + f1b * (gi * gi);
+                float si = gi * gi;
+                if (fc2 > 0.0f && v[e] > 0.0f && si > lim * v[e]) si = lim * v[e];
+                float vi = fb * v[e] + f1b * si;
                 v[e] = vi;
                 float d = sqrtf(vi * bc);
                 d = d < feps ? feps : d;
@@ -133,8 +138,9 @@ int64_t nero_fused_step(int64_t n, const int64_t* meta, const double* fmeta, dou
             float sq = (float)ss;
             const int bad = skip && !isfinite(sq);
             if (bad) { sq = 0.0f; skipped++; }
-            /* 2. second moment, step, running sums of the new row */
-            const float vi = fb * v[r] + f1b * sq;
+            /* 2. second moment (of the gradient clipped at clip * its rms), step, running sums of the new row */
+            const float sv = (fc2 > 0.0f && v[r] > 0.0f && sq > lim * v[r]) ? lim * v[r] : sq;
+            const float vi = fb * v[r] + f1b * sv;
             v[r] = vi;
             float d = sqrtf(vi * bc);
             d = d < feps ? feps : d;
@@ -306,7 +312,7 @@ def _build() -> tuple[ctypes.CDLL | None, str | None, dict]:
             continue
         fn.restype = ctypes.c_int64
         fn.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double, ctypes.c_double,
-                       ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
+                       ctypes.c_double, ctypes.c_double, ctypes.c_int, ctypes.c_int, ctypes.c_int64]
         lib.nero_fused_has_openmp.restype = ctypes.c_int
         info.update(path=so, flags=" ".join(base + extra), compiler=cc[0], openmp=bool(lib.nero_fused_has_openmp()))
         return lib, None, info
@@ -442,7 +448,7 @@ def partition(neurons: list, elements: list):
 
 
 def run(fused_neurons: list, fused_elements: list, *, lr: float, beta: float, eps: float,
-        skip_nonfinite: bool = True, clip_inv: float = 0.0) -> int:
+        skip_nonfinite: bool = True, clip_inv: float = 0.0, v_clip_inv: float | None = None) -> int:
     """Apply the step to lists made by :func:`partition`. Returns the number of neurons/elements
     whose non-finite gradient was treated as zero."""
     lib = _load()["lib"]
@@ -451,23 +457,26 @@ def run(fused_neurons: list, fused_elements: list, *, lr: float, beta: float, ep
     n = len(fused_neurons) + len(fused_elements)
     if n == 0:
         return 0
+    from .optim import _prev_correction  # optim imports this module lazily, never at its top
+
     lr = float(lr)
     meta: list[int] = []
     fmeta: list[float] = []
     for w, g, v, (rows, cols), lay, t, s in fused_neurons:
         meta += (w.data_ptr(), g.data_ptr(), v.data_ptr(), rows, cols, int(lay.center) | 2 * int(lay.normalize))
-        fmeta += (lr * s, 1.0 / (1.0 - beta ** t))
+        fmeta += (lr * s, 1.0 / (1.0 - beta ** t), _prev_correction(t, beta))
     for w, g, v, t, s in fused_elements:
         meta += (w.data_ptr(), g.data_ptr(), v.data_ptr(), w.numel(), 0, 0)
-        fmeta += (lr * s, 1.0 / (1.0 - beta ** t))
+        fmeta += (lr * s, 1.0 / (1.0 - beta ** t), _prev_correction(t, beta))
     mt = torch.tensor(meta, dtype=torch.int64)
     ft = torch.tensor(fmeta, dtype=torch.float64)
     total = sum(r * c for *_, (r, c), _l, _t, _s in fused_neurons) + sum(w.numel() for w, *_ in fused_elements)
     # small steps stay on one thread: waking a team costs more than the work, and far more when
     # the cores are busy (threads then wait for a core at every barrier)
     threads = 1 if total < _PARALLEL_MIN_ELEMENTS else max(1, torch.get_num_threads())
+    v_clip_inv = clip_inv if v_clip_inv is None else v_clip_inv
     skipped = lib.nero_fused_step(n, mt.data_ptr(), ft.data_ptr(), float(beta), float(eps), float(clip_inv),
-                                  int(bool(skip_nonfinite)),
+                                  float(v_clip_inv), int(bool(skip_nonfinite)),
                                   threads, _CHUNK_BYTES)
     if skipped < 0:
         raise MemoryError("nerofy fused kernel: out of memory")

@@ -52,12 +52,12 @@ _launching = False  # True while a kernel is launched (the interpreter's own ten
 _BUCKETS = ((16, 256), (128, 32), (1024, 4), (4096, 1))  # (block of fan-in K, neuron rows per program)
 _LOOP_K = 4096  # block size of the looped kernel for fan-in > 4096
 _EW_BLOCK = 1024  # elements per program of the elementwise kernel
-_COLS = 16  # int64 columns of the per-tensor table
+_COLS = 17  # int64 columns of the per-tensor table
 # per-tensor columns: 0 w ptr, 1 g ptr, 2 v ptr, 3 L, 4 L1, 5 S0, 6 S1, 7 flags,
 # 8 lr*s (or s when capturable), 9 1/(1-beta^t), 10 beta, 11 eps, 12 lr ptr (capturable), 13 log(beta),
-# 14 1-beta, 15 1/clip (0: no cap)
+# 14 1-beta, 15 1/clip (0: no cap), 16 1/(1-beta^(t-1)) (0 at t = 1; v's limit, see optim._update_v)
 # (floats are stored as their float64 bit patterns)
-_CENTER, _NORMALIZE, _SKIP = 1, 2, 4
+_CENTER, _NORMALIZE, _SKIP, _CLIP_V = 1, 2, 4, 8
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -223,12 +223,14 @@ class TritonStep:
                 launches.setdefault((w.dtype, g.dtype, *kind), []).append(rows)
             if group["skip_nonfinite"]:
                 static[c + 7] |= _SKIP
+            if group.get("clip_v", True):
+                static[c + 7] |= _CLIP_V
             beta = group["beta"]
             static[c + 10] = _f64_bits(beta)
             static[c + 11] = _f64_bits(group["eps"])
             static[c + 13] = _f64_bits(math.log(beta) if beta > 0 else -math.inf)
             static[c + 14] = _f64_bits(1.0 - beta)
-            static[c + 15] = _f64_bits(_clip_inv(group))
+            static[c + 15] = _f64_bits(_clip_inv(group, w))
         self._static = static
         self._launches = [(key, torch.cat(rows).contiguous().to(device)) for key, rows in launches.items()]
         self._ptrs = None
@@ -247,7 +249,8 @@ class TritonStep:
                 g_fix.append(g)
                 items[j] = (w, g, v, lay, group, st)
         key = tuple((w.shape, w.stride(), w.dtype, g.dtype, v.shape, v.stride(), lay, id(group),
-                     group["beta"], group["eps"], group["skip_nonfinite"], _clip_inv(group)) for w, g, v, lay, group, st in items)
+                     group["beta"], group["eps"], group["skip_nonfinite"], _clip_inv(group, w), group.get("clip_v", True))
+                    for w, g, v, lay, group, st in items)
         if key != self._key:
             self._build(items, device, capturable)
             self._key = key
@@ -280,6 +283,7 @@ class TritonStep:
             beta, t = group["beta"], st["step"]
             buf[c + 8] = _f64_bits(float(group["lr"]) * st["scale"])
             buf[c + 9] = _f64_bits(1.0 / (1.0 - beta ** t))
+            buf[c + 16] = _f64_bits(_prev_correction(t, beta))
         host = torch.frombuffer(buf, dtype=torch.int64)
         if device.type == "cpu":
             return host.clone()  # (tests) the buffer must outlive the step like a device copy does
@@ -325,10 +329,16 @@ class TritonStep:
         return self._table, self._steps
 
 
-def _clip_inv(group: dict) -> float:
+def _clip_inv(group: dict, p: Tensor) -> float:
     from .optim import clip_inv  # optim imports this module at its top
 
-    return clip_inv(group)
+    return clip_inv(group, p)
+
+
+def _prev_correction(t: int, beta: float) -> float:
+    from .optim import _prev_correction
+
+    return _prev_correction(t, beta)
 
 
 def _as_step(s, device) -> Tensor:

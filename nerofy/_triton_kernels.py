@@ -3,10 +3,11 @@
 Imported only by :func:`nerofy._triton._import`, on the first step that needs it, so that nerofy
 never imports triton otherwise.
 
-Per-tensor table row (int64, 16 columns; floats as float64 bit patterns): 0 w ptr, 1 g ptr, 2 v ptr,
+Per-tensor table row (int64, 17 columns; floats as float64 bit patterns): 0 w ptr, 1 g ptr, 2 v ptr,
 3 L (fan-in, or numel), 4 L1, 5 S0, 6 S1 (fan-in element k sits at (k // L1) * S1 + (k % L1) * S0),
-7 flags (1 centre, 2 normalise, 4 skip non-finite), 8 lr * s (capturable: s), 9 1 / (1 - beta^t),
-10 beta, 11 eps, 12 lr ptr (capturable), 13 log(beta), 14 1 - beta, 15 1 / clip (0: none).
+7 flags (1 centre, 2 normalise, 4 skip non-finite, 8 clip v's sample), 8 lr * s (capturable: s), 9 1 / (1 - beta^t),
+10 beta, 11 eps, 12 lr ptr (capturable), 13 log(beta), 14 1 - beta, 15 1 / clip (0: none),
+16 1 / (1 - beta^(t-1)) (0 at t = 1).
 """
 import triton
 import triton.language as tl
@@ -24,17 +25,27 @@ def one_minus_pow(lnb, t):
     return tl.where(tl.abs(x) < 0.1, series, 1.0 - tl.exp(x))
 
 @triton.jit
-def coefs(t, tid, steps, CAPT: tl.constexpr):
-    """(lr * s, 1 / (1 - beta^step), beta, 1 - beta, eps, 1 / clip) of the tensors in rows ``t`` of
-    the table (1 - beta has its own column: from a float32 beta it would be 1e-5 off)."""
+def coefs(t, tid, steps, flags, CAPT: tl.constexpr):
+    """(lr * s, 1 / (1 - beta^step), beta, 1 - beta, eps, 1 / clip, clip^2 / (1 - beta^(step-1))) of
+    the tensors in rows ``t`` of the table (1 - beta has its own column: from a float32 beta it would
+    be 1e-5 off). The last is v's limit factor (see :func:`sample`), 0 where there is no cap or at step 1."""
     beta, omb, eps, ci = f64(t + 10), f64(t + 14), f64(t + 11), f64(t + 15)
     if CAPT:
         lr = tl.load(tl.load(t + 12).to(tl.pointer_type(tl.float32)))
         lrs = lr * f64(t + 8)
-        bc = 1.0 / one_minus_pow(f64(t + 13), tl.load(steps + tid) + 1.0)
+        prev = tl.load(steps + tid)  # steps taken before this one
+        bc = 1.0 / one_minus_pow(f64(t + 13), prev + 1.0)
+        bcp = tl.where(prev > 0.5, 1.0 / one_minus_pow(f64(t + 13), tl.maximum(prev, 1.0)), 0.0)
     else:
-        lrs, bc = f64(t + 8), f64(t + 9)
-    return lrs, bc, beta, omb, eps, ci
+        lrs, bc, bcp = f64(t + 8), f64(t + 9), f64(t + 16)
+    lim = tl.where(ci > 0.0, tl.where((flags & 8) != 0, bcp / tl.maximum(ci * ci, 1e-30), 0.0), 0.0)
+    return lrs, bc, beta, omb, eps, ci, lim
+
+@triton.jit
+def sample(sq, v, lim):
+    """What v takes: ||g||^2 clipped at clip^2 times v's bias-corrected value before this step,
+    where there is a cap and v is not 0 (the first step, a neuron whose gradient was zero so far)."""
+    return tl.where(v > 0.0, tl.minimum(sq, tl.where(lim > 0.0, lim * v, sq)), sq)
 
 @triton.jit
 def finite(x):
@@ -49,12 +60,12 @@ def neurons(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.
     tid = tl.load(rows + r * 3, mask=rm, other=0)
     base = tl.load(rows + r * 3 + 1, mask=rm, other=0)
     voff = tl.load(rows + r * 3 + 2, mask=rm, other=0)
-    t = table + tid * 16
+    t = table + tid * 17
     wp = tl.load(t).to(tl.pointer_type(W))
     gp = tl.load(t + 1).to(tl.pointer_type(G))
     vp = tl.load(t + 2).to(tl.pointer_type(tl.float32))
     L, L1, S0, S1, flags = tl.load(t + 3), tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
-    lrs, bc, beta, omb, eps, ci = coefs(t, tid, steps, CAPT)
+    lrs, bc, beta, omb, eps, ci, lim = coefs(t, tid, steps, flags, CAPT)
     k = tl.arange(0, K)[None, :]
     off = base[:, None] + (k // L1[:, None]) * S1[:, None] + (k % L1[:, None]) * S0[:, None]
     m = rm[:, None] & (k < L[:, None])
@@ -64,7 +75,8 @@ def neurons(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.
     bad = ((flags & 4) != 0) & ~finite(sq) & rm
     sq = tl.where(bad, 0.0, sq)
     g = tl.where(bad[:, None], 0.0, g)
-    v = beta * tl.load(vp + voff, mask=rm, other=0.0) + omb * sq
+    v = tl.load(vp + voff, mask=rm, other=0.0)
+    v = beta * v + omb * sample(sq, v, lim)
     tl.store(vp + voff, v, mask=rm)
     c = lrs / tl.maximum(tl.maximum(tl.sqrt(v * bc), eps), tl.sqrt(sq) * ci)  # a step turns at most clip * lr
     w = w - c[:, None] * g  # masked lanes stay 0
@@ -95,12 +107,12 @@ def loop(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.con
     tid = tl.load(rows + i * 3)
     base = tl.load(rows + i * 3 + 1)
     voff = tl.load(rows + i * 3 + 2)
-    t = table + tid * 16
+    t = table + tid * 17
     wp = tl.load(t).to(tl.pointer_type(W)) + base
     gp = tl.load(t + 1).to(tl.pointer_type(G)) + base
     vp = tl.load(t + 2).to(tl.pointer_type(tl.float32))
     L, L1, S0, S1, flags = tl.load(t + 3), tl.load(t + 4), tl.load(t + 5), tl.load(t + 6), tl.load(t + 7)
-    lrs, bc, beta, omb, eps, ci = coefs(t, tid, steps, CAPT)
+    lrs, bc, beta, omb, eps, ci, lim = coefs(t, tid, steps, flags, CAPT)
     acc = tl.zeros((K,), dtype=tl.float32)
     for s in range(0, L, K):
         k = s + tl.arange(0, K)
@@ -110,7 +122,8 @@ def loop(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl.con
     sq = tl.sum(acc, 0)
     bad = ((flags & 4) != 0) & ~finite(sq)
     sq = tl.where(bad, 0.0, sq)
-    v = beta * tl.load(vp + voff) + omb * sq
+    v = tl.load(vp + voff)
+    v = beta * v + omb * sample(sq, v, lim)
     tl.store(vp + voff, v)
     c = tl.where(bad, 0.0, lrs / tl.maximum(tl.maximum(tl.sqrt(v * bc), eps), tl.sqrt(sq) * ci))  # c = 0: a NaN g is never read into w
     acc = tl.zeros((K,), dtype=tl.float32)
@@ -136,18 +149,19 @@ def elements(rows, table, steps, cnt, n, W: tl.constexpr, G: tl.constexpr, R: tl
     i = tl.program_id(0)
     tid = tl.load(rows + i * 2)
     start = tl.load(rows + i * 2 + 1)
-    t = table + tid * 16
+    t = table + tid * 17
     wp = tl.load(t).to(tl.pointer_type(W))
     gp = tl.load(t + 1).to(tl.pointer_type(G))
     vp = tl.load(t + 2).to(tl.pointer_type(tl.float32))
     L, flags = tl.load(t + 3), tl.load(t + 7)
-    lrs, bc, beta, omb, eps, ci = coefs(t, tid, steps, CAPT)
+    lrs, bc, beta, omb, eps, ci, lim = coefs(t, tid, steps, flags, CAPT)
     e = start + tl.arange(0, K)
     m = e < L
     g = tl.load(gp + e, mask=m, other=0.0).to(tl.float32)
     bad = ((flags & 4) != 0) & ~finite(g) & m
     g = tl.where(bad, 0.0, g)
-    v = beta * tl.load(vp + e, mask=m, other=0.0) + omb * (g * g)
+    v = tl.load(vp + e, mask=m, other=0.0)
+    v = beta * v + omb * sample(g * g, v, lim)
     tl.store(vp + e, v, mask=m)
     w = tl.load(wp + e, mask=m, other=0.0).to(tl.float32)
     w = w - lrs * g / tl.maximum(tl.maximum(tl.sqrt(v * bc), eps), tl.abs(g) * ci)

@@ -72,6 +72,10 @@ class Act:
     of_params: frozenset = frozenset()
     # a pointwise function of one earlier activation: (that one's uid, fn, text, nonlinear)
     expr: tuple | None = field(default=None, compare=False)
+    # layers in series from the model's inputs: each contraction with a weight adds 1, a merge of
+    # activations (a residual sum, a gate, a concat) takes the shortest of them; None for the
+    # inputs themselves and what is computed from them with no layer (masks, positions)
+    depth: int | None = field(default=None, compare=False)
     uid: int = field(default_factory=lambda: next(_UIDS), compare=False)
 
     @property
@@ -162,6 +166,7 @@ class Analyzer:
         self.broken_streams: set[frozenset] = set()
         self.transformed = False  # the recorder followed tensors through a torch.func transform
         self._post_candidates: dict[int, list[Finding]] = {}  # sum uid -> its post-norm findings
+        self.chain = 0  # the most layers in series from the inputs to any activation (Act.depth)
 
     # ---- sources ---------------------------------------------------------------------------
     def source(self, name: str) -> Derived:
@@ -217,6 +222,10 @@ class Analyzer:
             g = self._map_contraction(p, org, frozenset(), rule, g)  # kept dims it does not span are data dims
             if g.role == "neuron":
                 f.role, f.axes, f.op, f.reason = g.role, g.axes, g.op, g.reason
+
+    def note_depth(self, a: Act) -> None:
+        if a.depth is not None and a.depth > self.chain:
+            self.chain = a.depth
 
     def post_norm(self, x: Act) -> None:
         """A norm that takes ``x + f(x)`` with ``x`` a norm's output: the layers whose outputs were
@@ -298,6 +307,11 @@ class Analyzer:
             self._track_scaling(op, args, kwargs, res, before)
         flat = list(_flat((args, kwargs)))
         acts = [v for v in flat if isinstance(v, Act)]
+        for r in res if isinstance(res, list) else [res]:
+            if isinstance(r, Act):
+                if r.depth is None:
+                    r.depth = merged_depth(acts)
+                self.note_depth(r)
         ds = [v for v in flat if isinstance(v, Derived)]
         if (ds or acts) and all(a.of_params for a in acts):  # no input data among the inputs
             params = frozenset().union(*[a.of_params for a in acts], *[frozenset(d.origins) for d in ds])
@@ -389,13 +403,13 @@ class Analyzer:
                 return Act(out_shape, feature=bound["input"].feature, normed=True)  # a norm keeps the feature dim
             if op in R.EMBEDDINGS:
                 tables = frozenset(p for v in bound.values() if isinstance(v, Derived) for p in v.origins)
-                return Act(out_shape, feature=-1, tables=tables, stream=tables)
+                return Act(out_shape, feature=-1, tables=tables, stream=tables, depth=layer_depth(inputs))
             if op == "sdpa":
                 self.mark_logit_tables([v for k, v in bound.items() if k == "attn_mask" and isinstance(v, Act)])
             if isinstance(out_shape, list):
                 return self._plain(out_shape, True)
             return Act(out_shape, feature=out_feature, producer=frozenset(producer),
-                       from_rows=any(a.rows_scale for a in inputs))
+                       from_rows=any(a.rows_scale for a in inputs), depth=layer_depth(inputs) if producer else None)
 
         # views
         if op in R.PERMUTES | R.RESHAPES | R.EXPANDS | R.SELECTS | R.SPLITS | R.IDENTITY:
@@ -740,6 +754,18 @@ class Analyzer:
             self.emit(src, "free", op, f"could not follow dims through '{op}' (shapes unknown)")
             return Const(outs)
         return new
+
+
+def merged_depth(acts: list[Act]) -> int | None:
+    """Act.depth of what an op computes from ``acts`` with no weight: the shortest of them (a
+    residual sum has the identity path's depth; a path around a deep branch is a shortcut)."""
+    known = [a.depth for a in acts if a.depth is not None]
+    return min(known) if known else None
+
+
+def layer_depth(acts: list[Act]) -> int:
+    """Act.depth of a layer's output: one more than its inputs'."""
+    return (merged_depth(acts) or 0) + 1
 
 
 def _elementwise_act(acts: list[Act], out_shape) -> Act:

@@ -8,7 +8,10 @@ Written from the paper's mathematics (see DESIGN.md §1). For every neuron ``i``
     w_i  <- (w_i - mean(w_i)) / ||w_i - mean(w_i)||             # constrained layouts only
 
 For balanced (unit-norm) neurons ``s = 1``, so the learning rate is the angle each neuron turns per
-step. Unconstrained tensors (biases, gains, embedding rows, ...) use the same rule with ``s`` fixed
+step. Two departures, both switchable (``clip=None`` is the paper's update): a step turns a
+neuron by at most ``clip * lr`` (``||g_i|| / sqrt(v_hat_i)`` capped at ``clip``), and ``v_i`` takes
+the gradient clipped the same way (``min(||g_i||^2, clip^2 * v_hat_i)``, ``clip_v``), so a spike
+neither turns a neuron far nor shrinks its later steps. Unconstrained tensors (biases, gains, embedding rows, ...) use the same rule with ``s`` fixed
 at the tensor's mean neuron norm when its state is created (``scale_floor`` where that is zero), so
 they too move by a relative amount.
 """
@@ -82,8 +85,10 @@ def _resolve(spec: NeuronLayout | str, shape: tuple[int, ...]) -> NeuronLayout:
 
 
 # what nerofy.wrap puts on each tensor it hands Nero: its layout and least step scale, so that
-# groups built any other way ("auto") update it as wrap's optimizer does
-CARRIED_LAYOUT, CARRIED_MIN_SCALE = "_nerofy_layout", "_nerofy_min_scale"
+# groups built any other way ("auto") update it as wrap's optimizer does; and the factor on the
+# cap of a network with a long chain of layers in series (nerofy.rewrite.chain_factor), read in
+# every group
+CARRIED_LAYOUT, CARRIED_MIN_SCALE, CARRIED_CLIP = "_nerofy_layout", "_nerofy_min_scale", "_nerofy_clip_scale"
 
 
 def _layout_of(p: Tensor, group: dict) -> NeuronLayout:
@@ -100,6 +105,29 @@ def _layout_of(p: Tensor, group: dict) -> NeuronLayout:
 # ---------------------------------------------------------------------------------------------
 def _neuron_norms(gs: list[Tensor], dims: list[tuple[int, ...]]) -> list[Tensor]:
     return [torch.linalg.vector_norm(g, dim=d, keepdim=True) for g, d in zip(gs, dims)]
+
+
+def _prev_correction(t: int, beta: float) -> float:
+    """1 / (1 - beta^(t-1)): the bias correction of ``v`` before step ``t`` (0 at the first step,
+    where ``v`` is 0 and no limit applies)."""
+    return 0.0 if t <= 1 else 1.0 / (1.0 - beta ** (t - 1))
+
+
+def _update_v(vs: list[Tensor], sqs: list[Tensor], steps: list[int], beta: float, clip_inv: float) -> None:
+    """``v <- beta v + (1 - beta) min(||g||^2, clip^2 v_hat)`` in place (foreach; ``sqs`` is consumed):
+    with a cap, the running average takes each gradient clipped at ``clip`` times its running rms,
+    as the step does (see :func:`clip_inv`); where ``v`` is still 0 (the first step, a neuron
+    whose gradient was zero so far) the whole sample enters."""
+    if clip_inv:
+        c2 = 1.0 / (clip_inv * clip_inv)
+        lim = torch._foreach_mul(vs, [c2 * _prev_correction(t, beta) for t in steps])
+        # lim - (sign(v) - 1) sq: the limit where v > 0, the sample itself where v == 0 (lim = 0 there)
+        off = torch._foreach_sign(vs)
+        torch._foreach_sub_(off, 1.0)
+        torch._foreach_addcmul_(lim, off, sqs, value=-1.0)
+        torch._foreach_minimum_(sqs, lim)
+    torch._foreach_mul_(vs, beta)
+    torch._foreach_add_(vs, sqs, alpha=1.0 - beta)
 
 
 def _all_finite(norm_lists: list[list[Tensor]]) -> bool:
@@ -120,6 +148,7 @@ def nero_update(
     fused: bool = False,
     counter: Tensor | None = None,
     clip_inv: float = 0.0,
+    v_clip_inv: float | None = None,
 ) -> int:
     """Apply one Nero step in place.
 
@@ -133,9 +162,12 @@ def nero_update(
     masked and counted into it on the device (no host sync, the foreach path's route off the CPU),
     and they are not part of the returned count.
     ``clip_inv``: 1 / clip, 0 for no cap on a step (see :func:`clip_inv`).
+    ``v_clip_inv``: 1 / the clip of the gradient the running average takes (default ``clip_inv``;
+    0: the whole gradient, as in the paper; Nero's ``clip_v``).
     Returns the number of neurons/elements whose non-finite gradient was treated as zero.
     """
     lr = float(lr)  # a 0-dim tensor lr (accepted by Nero) cannot go into the foreach scalar lists
+    v_clip_inv = clip_inv if v_clip_inv is None else v_clip_inv
     skipped = 0
     if foreach and any(x[0].is_complex() for x in (*neurons, *elements)):
         # complex weights (spectral layers): the reference path, whose squares are |g|^2
@@ -143,19 +175,19 @@ def nero_update(
         neurons = [x for x in neurons if not x[0].is_complex()]
         elements = [x for x in elements if not x[0].is_complex()]
         skipped += _update_reference(cn, ce, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite,
-                                     clip_inv=clip_inv)
+                                     clip_inv=clip_inv, v_clip_inv=v_clip_inv)
     if fused:
         from . import _fused
 
         if _fused.available():
             fn, fe, neurons, elements, _ = _fused.partition(neurons, elements)
             skipped += _fused.run(fn, fe, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite,
-                                  clip_inv=clip_inv)
+                                  clip_inv=clip_inv, v_clip_inv=v_clip_inv)
             if not neurons and not elements:
                 return skipped
     if not foreach:
         return skipped + _update_reference(neurons, elements, lr=lr, beta=beta, eps=eps, skip_nonfinite=skip_nonfinite,
-                                           clip_inv=clip_inv)
+                                           clip_inv=clip_inv, v_clip_inv=v_clip_inv)
 
     # ---- per-neuron tensors -------------------------------------------------------------
     nw, ng, ndims, nv, nlay = [], [], [], [], []
@@ -174,8 +206,7 @@ def nero_update(
         skipped += n_bad
 
     if neurons:
-        torch._foreach_mul_(nv, beta)
-        torch._foreach_addcmul_(nv, norms, norms, 1.0 - beta)
+        _update_v(nv, torch._foreach_mul(norms, norms), [t for _, _, _, _, t, _ in neurons], beta, v_clip_inv)
         coef = torch._foreach_div(nv, [1.0 - beta ** t for _, _, _, _, t, _ in neurons])
         torch._foreach_sqrt_(coef)
         torch._foreach_clamp_min_(coef, eps)
@@ -190,8 +221,7 @@ def nero_update(
     if elements:
         ew = [w for w, _, _, _, _ in elements]
         ev = [v for _, _, v, _, _ in elements]
-        torch._foreach_mul_(ev, beta)
-        torch._foreach_addcmul_(ev, eg, eg, 1.0 - beta)
+        _update_v(ev, torch._foreach_mul(eg, eg), [t for _, _, _, t, _ in elements], beta, v_clip_inv)
         denom = torch._foreach_div(ev, [1.0 - beta ** t for _, _, _, t, _ in elements])
         torch._foreach_sqrt_(denom)
         torch._foreach_clamp_min_(denom, eps)
@@ -250,16 +280,18 @@ def _sanitize_on_device(ng, norms, eg, counter: Tensor):
 
 
 def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite, counter: Tensor | None = None,
-                      clip_inv: float = 0.0):
+                      clip_inv: float = 0.0, v_clip_inv: float | None = None):
     """Plain per-parameter implementation of the same mathematics (the foreach path's oracle).
 
     ``clip_inv``: 1 / clip (0: no cap); a neuron's step is ``lr * s * g / max(sqrt(v_hat), eps,
-    ||g|| * clip_inv)``, so it turns by at most ``clip * lr`` (see :func:`clip_inv`).
+    ||g|| * clip_inv)``, so it turns by at most ``clip * lr`` (see :func:`clip_inv`); ``v`` takes the
+    gradient clipped at ``1 / v_clip_inv`` times its running rms (default ``clip_inv``; 0: whole).
 
     With ``counter`` (``capturable=True`` off the Triton route, and under ``torch.compile``) nothing
     is read back to the host: ``lr`` may be a tensor, step counts may be device tensors, and
     non-finite gradients are counted into ``counter`` on the device instead of returned."""
     skipped = 0
+    v_clip_inv = clip_inv if v_clip_inv is None else v_clip_inv
 
     def masked(bad: Tensor) -> None:
         nonlocal skipped
@@ -276,7 +308,8 @@ def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite, count
             bad = ~torch.isfinite(sq)
             masked(bad)
             gv, sq = gv.masked_fill(bad, 0.0), sq.masked_fill(bad, 0.0)
-        v.mul_(beta).add_((1.0 - beta) * sq)
+        sample = _clipped_sample(sq, v, t, beta, v_clip_inv)  # from v before this step's decay
+        v.mul_(beta).add_((1.0 - beta) * sample)
         v_hat = v / (1.0 - beta ** t)
         den = v_hat.sqrt().clamp_min(eps)
         if clip_inv:
@@ -292,13 +325,25 @@ def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite, count
             masked(bad)
             g = g.masked_fill(bad, 0.0)
         sq = _sq(g)
-        v.mul_(beta).add_((1.0 - beta) * sq)
+        sample = _clipped_sample(sq, v, t, beta, v_clip_inv)
+        v.mul_(beta).add_((1.0 - beta) * sample)
         v_hat = v / (1.0 - beta ** t)
         den = v_hat.sqrt().clamp_min(eps)
         if clip_inv:
             den = torch.maximum(den, sq.sqrt() * clip_inv)
         w.sub_(lr * s * g / den)
     return skipped
+
+
+def _clipped_sample(sq: Tensor, v: Tensor, t, beta: float, clip_inv: float) -> Tensor:
+    """What the running average takes at step ``t``: ``||g||^2`` clipped at ``clip^2`` times
+    ``v``'s bias-corrected value before this step (:func:`_update_v`'s rule; ``t`` may be a device
+    tensor in capturable mode)."""
+    if not clip_inv:
+        return sq
+    prev = 1.0 - beta ** (t - 1)
+    prev = prev.clamp_min(1e-30) if isinstance(prev, Tensor) else max(prev, 1e-30)
+    return torch.where(v > 0, torch.minimum(sq, v / (prev * clip_inv * clip_inv)), sq)
 
 
 def _sq(t: Tensor) -> Tensor:
@@ -363,7 +408,15 @@ class Nero(torch.optim.Optimizer):
             (beta 0.999), so a gradient far above its history (a loss spike) would otherwise turn
             its neurons by up to ``lr / sqrt(1 - beta)``, 31 ``lr``; capped, a 50-layer plain ReLU
             MLP trains where the uncapped update stalls (docs/results.md §0). ``None``: the
-            paper's update, uncapped. A group option like ``lr``.
+            paper's update, uncapped. A group option like ``lr``. ``nerofy.wrap`` shortens it on a
+            network with a long chain of layers in series (see ``chain_ref`` there): the factor
+            is carried by the tensors and applied in any group.
+        clip_v: the running average takes each gradient clipped as the step is (``||g||`` at most
+            ``clip * sqrt(v_hat)``; default True), so that one spike (a gradient 1000x its
+            history) does not inflate ``v_hat`` and shrink that neuron's next thousand steps; on
+            plain deep MLPs that was the difference between stalled and steadily turning neurons
+            (docs/results.md §0). False: ``v`` takes the whole gradient, as in the paper (with
+            ``clip=None`` the two are the same). A group option like ``lr``.
         weight_decay: accepted so that optimizer factories (timm's ``create_optimizer_v2``, param
             groups built the torch way) can pass it, but only 0: Nero has no weight decay (a
             balanced neuron's norm is fixed). Anything else, here or in a param group, is an error.
@@ -389,11 +442,13 @@ class Nero(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         capturable: bool = False,
         clip: float | None = DEFAULT_CLIP,
+        clip_v: bool = True,
     ):
         _check_weight_decay(weight_decay)
         _check_hparams(lr, beta, eps, scale_floor, min_scale)
         check_clip(clip)
-        defaults = dict(clip=clip,
+        _check_clip_v(clip_v)
+        defaults = dict(clip=clip, clip_v=clip_v,
             lr=lr, beta=beta, layout=_parse_layout(layout), eps=eps, scale_floor=scale_floor, min_scale=min_scale,
             foreach=True if foreach is None else bool(foreach), skip_nonfinite=skip_nonfinite,
             fused=None if fused is None else bool(fused), capturable=bool(capturable),
@@ -449,6 +504,7 @@ class Nero(torch.optim.Optimizer):
                        param_group.get("eps", self.defaults["eps"]), param_group.get("scale_floor", self.defaults["scale_floor"]),
                        param_group.get("min_scale", self.defaults["min_scale"]))
         check_clip(param_group.get("clip", self.defaults.get("clip", DEFAULT_CLIP)))
+        _check_clip_v(param_group.get("clip_v", True))
         super().add_param_group(param_group)
         g = self.param_groups[-1]
         if g.get("fused") is True and g.get("foreach") is False:
@@ -495,7 +551,10 @@ class Nero(torch.optim.Optimizer):
                 loss = closure()
         on_triton: dict[tuple, list] = {}  # (device, capturable) -> items, all groups in one step
         for group in self.param_groups:
-            neurons, elements, writeback = [], [], []
+            # the work per cap (1 / clip, and that of v): one list for a group unless its tensors carry
+            # different factors
+            work: dict[tuple[float, float], tuple[list, list]] = {}
+            writeback = []
             capturable = group.get("capturable", False)
             for p in group["params"]:
                 if p.grad is None:
@@ -520,35 +579,14 @@ class Nero(torch.optim.Optimizer):
                     writeback.append((p, w))
                 else:
                     w, g = p.detach(), p.grad
+                ci = clip_inv(group, p)
+                neurons, elements = work.setdefault((ci, ci if group.get("clip_v", True) else 0.0), ([], []))
                 if lay.elementwise:
                     elements.append((w, g, st["v"], st["step"], st["scale"]))
                 else:
                     neurons.append((w, g, st["v"], lay, st["step"], st["scale"]))
-            if not neurons and not elements:
-                continue
-            if capturable:
-                _update_reference(neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                                  skip_nonfinite=group["skip_nonfinite"], counter=self._counter((neurons or elements)[0][0].device),
-                                  clip_inv=clip_inv(group))
-                for p, w in writeback:
-                    p.copy_(w)
-                continue
-            skipped = 0
-            fused = group.get("fused")
-            if fused or (fused is None and group["foreach"] is not False):
-                skipped, neurons, elements = self._step_fused(group, neurons, elements, explicit=bool(fused))
-            if neurons or elements:
-                dev = (neurons or elements)[0][0].device
-                # off the CPU, the non-finite mask stays on the device (a host sync would stall the queue)
-                counter = self._counter(dev) if dev.type != "cpu" else None
-                skipped += nero_update(
-                    neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                    foreach=group["foreach"], skip_nonfinite=group["skip_nonfinite"], counter=counter,
-                    clip_inv=clip_inv(group),
-                )
-            if skipped:
-                self._skipped_host = getattr(self, "_skipped_host", 0) + skipped
-                log.warning("Nero: %d neurons/elements had a non-finite gradient; treated as zero this step", skipped)
+            for caps, (neurons, elements) in work.items():
+                self._update(group, neurons, elements, caps, capturable)
             for p, w in writeback:
                 p.copy_(w)
         for (device, capturable), items in on_triton.items():
@@ -557,6 +595,31 @@ class Nero(torch.optim.Optimizer):
                 runner = self._triton_steps[(device, capturable)] = _triton.TritonStep()
             runner.run(items, self._counter(device), capturable)
         return loss
+
+    def _update(self, group: dict, neurons: list, elements: list, caps: tuple[float, float], capturable: bool) -> None:
+        """One group's step over tensors that share the caps ``(1 / clip, 1 / clip of v)``."""
+        ci, vci = caps
+        if capturable:
+            _update_reference(neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                              skip_nonfinite=group["skip_nonfinite"], counter=self._counter((neurons or elements)[0][0].device),
+                              clip_inv=ci, v_clip_inv=vci)
+            return
+        skipped = 0
+        fused = group.get("fused")
+        if fused or (fused is None and group["foreach"] is not False):
+            skipped, neurons, elements = self._step_fused(group, neurons, elements, explicit=bool(fused), caps=caps)
+        if neurons or elements:
+            dev = (neurons or elements)[0][0].device
+            # off the CPU, the non-finite mask stays on the device (a host sync would stall the queue)
+            counter = self._counter(dev) if dev.type != "cpu" else None
+            skipped += nero_update(
+                neurons, elements, lr=group["lr"], beta=group["beta"], eps=group["eps"],
+                foreach=group["foreach"], skip_nonfinite=group["skip_nonfinite"], counter=counter, clip_inv=ci,
+                v_clip_inv=vci,
+            )
+        if skipped:
+            self._skipped_host = getattr(self, "_skipped_host", 0) + skipped
+            log.warning("Nero: %d neurons/elements had a non-finite gradient; treated as zero this step", skipped)
 
     def _layout(self, p: Tensor, group: dict) -> NeuronLayout:
         """:func:`_layout_of`, remembered per parameter (so that torch.compile traces a dict lookup,
@@ -579,7 +642,7 @@ class Nero(torch.optim.Optimizer):
             self._counter(p.device)  # an optimizer unpickled from an older nerofy
         return _triton.takes(p, lay, st["v"])
 
-    def _step_fused(self, group: dict, neurons: list, elements: list, explicit: bool):
+    def _step_fused(self, group: dict, neurons: list, elements: list, explicit: bool, caps: tuple[float, float]):
         """Run the fused kernel on what it can take; return (skipped, rest_neurons, rest_elements)."""
         from . import _fused
 
@@ -591,7 +654,7 @@ class Nero(torch.optim.Optimizer):
         else:
             fn, fe, neurons, elements, why = _fused.partition(neurons, elements)
             skipped = _fused.run(fn, fe, lr=group["lr"], beta=group["beta"], eps=group["eps"],
-                                 skip_nonfinite=group["skip_nonfinite"], clip_inv=clip_inv(group))
+                                 skip_nonfinite=group["skip_nonfinite"], clip_inv=caps[0], v_clip_inv=caps[1])
             n_rest = len(neurons) + len(elements)
         if n_rest and explicit and not getattr(self, "_fused_warned", False):
             self._fused_warned = True
@@ -688,14 +751,25 @@ def check_clip(clip) -> None:
                          "step) or None (the paper's uncapped update)")
 
 
-def clip_inv(group: dict) -> float:
-    """1 / the group's clip, 0 for none. A step is ``lr * s * g / sqrt(v_hat)`` and ``v_hat`` is a
+def _check_clip_v(clip_v) -> None:
+    if not isinstance(clip_v, bool):
+        raise ValueError(f"Invalid clip_v {clip_v!r}: True (the running average takes the clipped gradient, the "
+                         "default) or False (the whole gradient, as in the paper)")
+
+
+def clip_inv(group: dict, p: Tensor | None = None) -> float:
+    """1 / the cap on ``p``'s step (the group's clip times the factor ``p`` carries, see
+    ``CARRIED_CLIP``), 0 for none. A step is ``lr * s * g / sqrt(v_hat)`` and ``v_hat`` is a
     slow average (beta 0.999): when a neuron's gradient jumps far above it, the paper's step turns
     that neuron by up to ``lr / sqrt(1 - beta)`` (31 lr). The cap bounds the ratio ``||g|| /
-    sqrt(v_hat)`` at ``clip`` (Adafactor's update clipping, per neuron). Groups from older
-    checkpoints lack the key: they get the default."""
+    sqrt(v_hat)`` at ``clip`` (Adafactor's update clipping, per neuron), and the running average
+    takes the gradient clipped the same way, so one spike does not shrink the next thousand steps.
+    Groups from older checkpoints lack the key: they get the default."""
     c = group.get("clip", DEFAULT_CLIP)
-    return 0.0 if c is None or c == math.inf else 1.0 / float(c)
+    if c is None or c == math.inf:
+        return 0.0
+    f = getattr(p, CARRIED_CLIP, 1.0) if p is not None else 1.0
+    return 1.0 / (float(c) * f)
 
 
 def check_min_scale(min_scale) -> None:

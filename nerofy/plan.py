@@ -109,15 +109,37 @@ class Entry:
         return n
 
 
+# The longest chain of weighted layers in series whose steps need no cap beyond Nero's own: a step
+# turns every layer of a chain at once, so the function a chain of L layers computes turns by about
+# the sum of their angles. On plain ReLU MLPs (digits, normalised steps) the best angle per step
+# fell as 1/L, the sum staying near 0.25 rad (depths 10-50, docs/results.md §0); Nero's cap (2 lr,
+# 0.02 rad) times 12 layers is 0.24 rad, so a chain of L > 12 layers gets the cap times 12 / L.
+CHAIN_REF = 12
+
+
+def chain_factor(chain: int, ref: int | None = CHAIN_REF) -> float:
+    """The factor on Nero's cap (``clip``) for a network whose longest chain of layers in series is
+    ``chain`` (0: unknown, no factor): ``min(1, ref / chain)``; ``ref=None`` switches it off."""
+    if not ref or not chain or chain <= ref:
+        return 1.0
+    return ref / chain
+
+
 class Plan:
-    """An inspectable, overridable plan. Iterate for entries; ``plan["name"]`` for one."""
+    """An inspectable, overridable plan. Iterate for entries; ``plan["name"]`` for one.
+
+    ``chain``: the most weighted layers in series from the model's inputs to any activation (a
+    layer adds one; a residual sum, gate or concat takes the shortest of what it merges; 0 where no
+    graph was traced). ``nerofy.wrap`` shortens Nero's cap on a network whose chain is longer than
+    ``CHAIN_REF`` (see :func:`chain_factor`); set it by hand like any plan field."""
 
     def __init__(self, entries: list[Entry], frontend: str = "", attempts: list | None = None,
-                 warnings: list[str] | None = None):
+                 warnings: list[str] | None = None, chain: int = 0):
         self.entries: dict[str, Entry] = {e.name: e for e in entries}
         self.frontend = frontend
         self.attempts = list(attempts or [])
         self.warnings = list(warnings or [])
+        self.chain = int(chain)
         self._refresh_streams()
 
     def _refresh_streams(self) -> None:
@@ -168,6 +190,7 @@ class Plan:
             "balanced_tables": sum(1 for e in self if e.balanced),
             "constrained_share": (constrained / trainable) if trainable else 0.0,
             "frontend": self.frontend,
+            "chain": self.chain,
             "warnings": len(self.warnings),
         }
 
@@ -234,6 +257,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {
             "frontend": self.frontend,
+            "chain": self.chain,
             "attempts": [list(a) for a in self.attempts],
             "warnings": self.warnings,
             "summary": self.summary(),
@@ -256,7 +280,8 @@ class Plan:
                 op, kw = e["signal"]
                 e["signal"] = (op, tuple((k, v) for k, v in kw))
             entries.append(Entry(**e))
-        return cls(entries, d.get("frontend", ""), [tuple(a) for a in d.get("attempts", [])], d.get("warnings", []))
+        return cls(entries, d.get("frontend", ""), [tuple(a) for a in d.get("attempts", [])], d.get("warnings", []),
+                   d.get("chain", 0))
 
     def rows(self) -> list[tuple[str, ...]]:
         out = []
@@ -282,9 +307,17 @@ class Plan:
         lines.append("")
         lines.append(f"frontend: {self.frontend}; constrained: {s['constrained_share']:.1%} of trainable parameters; "
                      + ", ".join(f"{r}: {c}" for r, c in s["tensors"].items() if c))
+        if self.chain:
+            lines.append(self.chain_note())
         for w in self.warnings:
             lines.append(f"warning: {w}")
         return "\n".join(lines)
+
+    def chain_note(self, ref: int | None = CHAIN_REF) -> str:
+        """One line on ``chain`` and the cap factor ``nerofy.wrap(chain_ref=ref)`` gives it."""
+        f = chain_factor(self.chain, ref)
+        return (f"layers in series: {self.chain or 'unknown (no graph)'}"
+                + (f" (over {ref}: Nero's cap on a step x {f:.3g})" if f < 1 else ""))
 
     def __str__(self) -> str:
         return self.table()
@@ -377,7 +410,7 @@ def make_plan(model: nn.Module, example_inputs=None, frontends: tuple[str, ...] 
                         f"vector of length 2 can only be +-(1, -1)/sqrt(2) and never moves): {_names(uncentred)}")
     notes = [msg for f, msg in tr.attempts if f == "note"]
     warnings += notes
-    return Plan(entries, tr.frontend, tr.attempts, warnings)
+    return Plan(entries, tr.frontend, tr.attempts, warnings, tr.chain)
 
 
 def _names(ns: list[str], n: int = 8) -> str:

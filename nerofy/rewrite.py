@@ -16,8 +16,8 @@ from torch.nn.utils import parametrize
 from .balanced import GRAD_MODES, Balanced, balance, is_balanced
 from .export import load_plain_weights, route_save_pretrained, unroute_save_pretrained
 from .layout import NeuronLayout
-from .optim import CARRIED_LAYOUT, CARRIED_MIN_SCALE, Nero, check_min_scale
-from .plan import Plan, make_plan
+from .optim import CARRIED_CLIP, CARRIED_LAYOUT, CARRIED_MIN_SCALE, Nero, check_min_scale
+from .plan import CHAIN_REF, Plan, chain_factor, make_plan
 from .scale import SCALE_MODES, init_scale
 from .trained import KEEP_MODES, keep_function, neuron_norms, stale_norm_layers
 
@@ -102,7 +102,7 @@ UNIT_STEP_ROLES = {"gain": 1.0}
 
 
 def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | None = None, example_inputs=None, scale: str = "signal",
-         update: str = "paper", keep: str = "direction", **nero_options):
+         update: str = "paper", keep: str = "direction", chain_ref: int | None = CHAIN_REF, **nero_options):
     """Plan (unless given), rewrite ``model`` in place as a balanced network, and return
     ``(model, optimizer)`` with a :class:`Nero` whose param groups match the plan.
 
@@ -122,6 +122,14 @@ def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | Non
     weights: each neuron keeps its trained norm as a fixed gain and is left uncentred where its
     mean is more than rounding, so the wrapped model computes what the trained one did; see
     :mod:`nerofy.trained`). ``scale`` does not apply with ``"function"``.
+
+    ``chain_ref``: a network whose longest chain of weighted layers in series (``plan.chain``: a
+    layer adds one, a residual sum or gate takes the shortest path) is ``L > chain_ref`` layers gets
+    Nero's cap on a step (``clip``, 2 lr by default) times ``chain_ref / L``: a step turns every
+    layer of the chain, so the chain's function turns by about the sum of their angles (a 50-layer
+    plain MLP: each neuron at most ``0.48 lr``; residual nets and transformers have chains of 3-8
+    and keep the cap). ``None``: no such factor. The factor is carried by the tensors like their
+    layouts, so any Nero built over them applies it.
 
     ``lr``: the angle per step, or a dict of parameter-name patterns (fnmatch over the plan's names,
     first match wins) to learning rates, ``"*"`` the default: ``lr={"lm_head.*": 1e-3, "*": 0.01}``.
@@ -150,6 +158,9 @@ def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | Non
     unit = nero_options.pop("min_scale", None)
     if unit is not None:
         check_min_scale(unit)  # before the model is touched
+    if chain_ref is not None and not (isinstance(chain_ref, int) and not isinstance(chain_ref, bool) and chain_ref >= 1):
+        raise ValueError(f"chain_ref must be a whole number of layers >= 1 (default {CHAIN_REF}) or None (no cap factor "
+                         f"for long chains), got {chain_ref!r}")
     lrs = _check_lr(lr)
     if plan is None:
         plan = make_plan(model, example_inputs)
@@ -165,16 +176,20 @@ def wrap(model: nn.Module, lr: float | dict[str, float] = 0.01, plan: Plan | Non
         _match_lr(lrs, _names(model, plan))  # a pattern matching nothing fails before the rewrite
     _warn_if_in_lightning_hook(model)
     targets = apply_plan(model, plan, scale, update)
+    factor = chain_factor(plan.chain, chain_ref)
+    if factor < 1:
+        log.info("nerofy: %d weighted layers in series (over %d): Nero's cap on a step is its clip x %.3g",
+                 plan.chain, chain_ref, factor)
     for e in plan:
         lay = e.layout()
         if lay is not None:
-            # the tensor carries its layout and least step scale: Nero groups built the torch way
-            # (model.parameters(), [{"params": head.parameters(), "lr": ...}], add_param_group, an
-            # optimizer factory) then treat it as wrap's optimizer does
-            _carry(targets[e.name], lay, _least_scale(e.role, unit))
+            # the tensor carries its layout, least step scale and cap factor: Nero groups built the
+            # torch way (model.parameters(), [{"params": head.parameters(), "lr": ...}],
+            # add_param_group, an optimizer factory) then treat it as wrap's optimizer does
+            _carry(targets[e.name], lay, _least_scale(e.role, unit), factor)
     _install_hooks(model)
     object.__setattr__(model, _PLAN_ATTR, plan)
-    object.__setattr__(model, _OPTS_ATTR, {"lr": lrs, "min_scale": unit})
+    object.__setattr__(model, _OPTS_ATTR, {"lr": lrs, "min_scale": unit, "chain_ref": chain_ref})
     opt = Nero(param_groups(model), lr=lrs if not isinstance(lrs, dict) else lrs.get("*", DEFAULT_LR), **nero_options)
     return model, opt
 
@@ -210,9 +225,10 @@ def _least_scale(role: str, unit: float | None) -> float:
     return least if unit is None or not least else unit
 
 
-def _carry(t: torch.Tensor, lay: NeuronLayout, least: float) -> None:
+def _carry(t: torch.Tensor, lay: NeuronLayout, least: float, clip_factor: float) -> None:
     setattr(t, CARRIED_LAYOUT, lay)  # read by Nero's "auto" groups (optim._layout_of, _init_state)
     setattr(t, CARRIED_MIN_SCALE, least)
+    setattr(t, CARRIED_CLIP, clip_factor)  # read by every group (optim.clip_inv)
 
 
 def _check_lr(lr):
@@ -289,9 +305,10 @@ def _deepcopy_wrapped(self, memo):
         self.__dict__["__deepcopy__"] = fn
     plan = wrapped_plan(new)
     if plan is not None:
-        unit = getattr(new, _OPTS_ATTR, {}).get("min_scale")
+        opts = getattr(new, _OPTS_ATTR, {})
+        unit, factor = opts.get("min_scale"), chain_factor(plan.chain, opts.get("chain_ref", CHAIN_REF))
         for e, t in _optimizer_tensors(new, plan):
-            _carry(t, e.layout(), _least_scale(e.role, unit))
+            _carry(t, e.layout(), _least_scale(e.role, unit), factor)
         new.__dict__["__deepcopy__"] = types.MethodType(_deepcopy_wrapped, new)
     return new
 

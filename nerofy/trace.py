@@ -32,7 +32,8 @@ from torch.utils._pytree import tree_map
 
 from . import gains as G
 from . import rules as R
-from .analysis import Act, Analyzer, Const, Derived, Finding, _keep_expr, _pointwise, input_signal
+from .analysis import (Act, Analyzer, Const, Derived, Finding, _flat, _keep_expr, _pointwise, input_signal, layer_depth,
+                       merged_depth)
 from .modules import module_findings, module_rule
 
 log = logging.getLogger("nerofy")
@@ -51,6 +52,7 @@ class Trace:
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (frontend, "ok" | error)
     unreached: list[str] = field(default_factory=list)  # parameters no forward reached
     transformed: bool = False  # the traced forward ran a torch.func transform (vmap, grad)
+    chain: int = 0  # the most weighted layers in series from the inputs (analysis.Act.depth); 0: unknown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,10 +454,15 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
             d = _iter_derived((args, kwargs))
             if d and isinstance(mod, R_NORM_MODULES):
                 env[node] = an._elementwise(d, shp if isinstance(shp, tuple) else d[0].shape)
-            elif isinstance(shp, list):
-                env[node] = [Act(s) for s in shp]
             else:
-                env[node] = _leaf_output(mod, x, shp, names)
+                out = [Act(s) for s in shp] if isinstance(shp, list) else [_leaf_output(mod, x, shp, names)]
+                # a leaf with weights is a layer in series (Act.depth); any other keeps its input's depth
+                ins = [a for a in _flat((args, kwargs)) if isinstance(a, Act)]
+                depth = layer_depth(ins) if any(f.role in ("neuron", "embedding") for f in leaf) else merged_depth(ins)
+                for a in out:
+                    a.depth = depth
+                    an.note_depth(a)
+                env[node] = out if isinstance(shp, list) else out[0]
         elif node.op == "output":
             for v in _iter_derived(res(node.args)):
                 an.emit(v, "free", "output", "returned by forward without being consumed")
@@ -463,6 +470,7 @@ def trace_fx(meta_model: nn.Module, inputs: tuple | None, names: dict[int, str],
 
     # the recorder's look inside leaf modules and wrapped functions, for what no module rule covers
     an.findings.extend(inside_an.findings)
+    an.chain = max(an.chain, inside_an.chain)
     return an, notes
 
 
@@ -499,11 +507,15 @@ def _record_call(an: Analyzer, fn, node: fx.Node, node_vals: dict, env: dict):
         out = fn(*args, **kwargs)
     if isinstance(out, torch.Tensor):
         v = rec.resolve(out)  # a parameter-derived result (a gathered bias table) keeps flowing
-        return v if isinstance(v, Derived) else Act(tuple(out.shape))
+        return v if isinstance(v, Derived) else Act(tuple(out.shape), depth=_depth_of(v))
     if isinstance(out, (list, tuple)):
-        return [rec.resolve(o) if isinstance(rec.resolve(o), Derived) else Act(_shapes_of(o))
+        return [rec.resolve(o) if isinstance(rec.resolve(o), Derived) else Act(_shapes_of(o), depth=_depth_of(rec.resolve(o)))
                 if isinstance(o, torch.Tensor) else o for o in out]
     return Act(None)
+
+
+def _depth_of(v) -> int | None:
+    return v.depth if isinstance(v, Act) else None
 
 
 R_NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
@@ -715,6 +727,7 @@ def trace(model: nn.Module, example_inputs: tuple | None = None, frontends: tupl
             out.attempts.append((f, f"{type(e).__name__}: {_short(e)}"))
             an = None
     out.transformed = an is not None and an.transformed
+    out.chain = an.chain if an is not None else 0
     for n in notes:
         out.attempts.append(("note", n))
     found: dict[str, list[Finding]] = {n: [] for n in shapes}

@@ -51,3 +51,17 @@ def test_training_quality_quick_resumes_and_summarises(tmp_path):
     assert again.returncode == 0 and len(out.read_text().splitlines()) == 6  # resumed: nothing re-run
     s = subprocess.run(cmd[:2] + ["--summary", "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert s.returncode == 0 and "| nerofy | const |" in s.stdout and "paper Nero" in s.stdout, s.stdout + s.stderr
+
+
+def test_chain_sweep_quick_writes_its_table(tmp_path):
+    """benchmarks/chain_sweep.py: one fixed-angle run per depth, then the depth x angle table."""
+    out = tmp_path / "cs.jsonl"
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chain_sweep.py"), "--quick", "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["bench"] for r in rows) == ["mlp10x64", "mlp20x64", "mlp30x64", "mlp50x64"]
+    assert all(r["status"] == "ok" and r["config"] == "every neuron 0.01 rad" for r in rows)
+    s = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chain_sweep.py"), "--summary", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert s.returncode == 0 and "| 50 |" in s.stdout and (tmp_path / "cs.md").exists(), s.stdout + s.stderr

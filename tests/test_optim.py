@@ -250,6 +250,119 @@ def test_clip_steps_below_the_cap_are_unchanged():
     torch.testing.assert_close(ws[0], ws[1], atol=0, rtol=0)
 
 
+def _v_hat(opt, p):
+    st = opt.state[p]
+    return st["v"] / (1 - opt.param_groups[0]["beta"] ** st["step"])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_running_average_takes_the_clipped_gradient(path):
+    """clip_v (default): at a spike the sample entering v is clip^2 v_hat, so v_hat grows by at
+    most clip^2 and the next ordinary steps keep their length; clip_v=False (the paper's average)
+    lets one 1000x spike multiply v_hat ~30x and shrink every later step of that neuron."""
+    out = {}
+    for clip_v in (True, False):
+        gen = torch.Generator().manual_seed(4)
+        torch.manual_seed(0)
+        w = balanced_param((8, 64))
+        opt = Nero([{"params": [w], "layout": ROWS}], lr=LR, clip=2.0, clip_v=clip_v, **path_kw(path))
+        after = []
+        for t in range(60):
+            w0 = w.detach().clone()
+            w.grad = torch.randn(w.shape, generator=gen) * (1000.0 if t == 30 else 1.0)
+            if t == 30:
+                before = _v_hat(opt, w).clone()
+            opt.step()
+            if t == 30:
+                jump = _v_hat(opt, w) / before
+            if t > 30:
+                after.append(angles(w0, w, ROWS))
+        out[clip_v] = jump, torch.stack(after).mean()
+    jump, mean_after = out[True]
+    assert jump.max().item() <= 4.0 * (1 + 1e-5)  # v_hat's average of itself and clip^2 times itself
+    assert jump.min().item() > 1.0
+    assert 0.8 * LR < mean_after.item() < 1.2 * LR  # ordinary steps still turn ~lr
+    jump_raw, mean_raw = out[False]
+    assert jump_raw.min().item() > 20.0
+    assert mean_raw.item() < 0.3 * LR  # the paper's average: the spike stalls the neuron
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_running_average_takes_a_first_gradient_whole(path):
+    """A neuron whose gradient was zero so far has v = 0: its first non-zero gradient enters v
+    whole (a limit of clip^2 * 0 would keep v at 0 for ever), elsewhere v takes the clipped one."""
+    w = balanced_param((4, 16))
+    opt = Nero([{"params": [w], "layout": ROWS}], lr=LR, **path_kw(path))
+    gen = torch.Generator().manual_seed(6)
+    for t in range(6):
+        g = torch.randn(w.shape, generator=gen)
+        if t < 5:
+            g[0] = 0.0  # neuron 0 sees its first gradient at step 6
+        w.grad = g
+        v_before = opt.state[w]["v"].clone() if opt.state.get(w) else torch.zeros(4, 1)
+        opt.step()
+    sq = g[0].square().sum()
+    torch.testing.assert_close(opt.state[w]["v"][0, 0], (1 - BETA) * sq, rtol=1e-5, atol=0)
+    assert v_before[0, 0] == 0.0 and (opt.state[w]["v"] > 0).all()
+
+
+@pytest.mark.parametrize("path", [p for p in PATHS if p != "reference"])
+@pytest.mark.parametrize("clip, clip_v, factor", [(2.0, True, 1.0), (0.5, True, 1.0), (2.0, False, 1.0),
+                                                  (2.0, True, 0.3)])
+def test_clipped_running_average_is_the_same_on_every_path(path, clip, clip_v, factor):
+    """Gradients whose scale jumps by e^N(0, 1.5) each step clip v's sample often; every path
+    (and a per-tensor cap factor, as nerofy.wrap carries on a long chain) matches the reference."""
+    from nerofy.optim import CARRIED_CLIP
+
+    def run(kw):
+        gen = torch.Generator().manual_seed(8)
+        torch.manual_seed(1)
+        w, b = balanced_param((6, 40)), nn.Parameter(torch.randn(6))
+        for t in (w, b):
+            setattr(t, CARRIED_CLIP, factor)
+        opt = Nero([{"params": [w], "layout": ROWS}, {"params": [b], "layout": ELEMENTWISE}], lr=LR, clip=clip,
+                   clip_v=clip_v, **kw)
+        for _ in range(40):
+            scale = torch.exp(torch.randn(1, generator=gen) * 1.5)
+            w.grad = torch.randn(w.shape, generator=gen) * scale
+            b.grad = torch.randn(b.shape, generator=gen) * scale
+            opt.step()
+        return w.detach(), b.detach(), opt.state[w]["v"], opt.state[b]["v"]
+
+    got, want = run(path_kw(path)), run(path_kw("reference"))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_carried_cap_factor_shortens_the_step():
+    """A tensor carrying a cap factor (nerofy.wrap on a long chain) turns by at most clip * factor * lr
+    on a spike, in any group; one group's tensors with different factors each get their own cap."""
+    from nerofy.optim import CARRIED_CLIP
+
+    gen = torch.Generator().manual_seed(9)
+    w1, w2 = balanced_param((8, 32)), balanced_param((8, 32))
+    setattr(w2, CARRIED_CLIP, 0.25)
+    opt = Nero([w1, w2], lr=LR)
+    for t in range(20):
+        a, b = w1.detach().clone(), w2.detach().clone()
+        w1.grad = torch.randn(w1.shape, generator=gen) * (1e3 if t == 19 else 1.0)
+        w2.grad = w1.grad.clone()
+        opt.step()
+    assert angles(a, w1, ROWS).max().item() <= math.asin(2 * LR) * (1 + 1e-5)
+    assert angles(a, w1, ROWS).min().item() > 1.5 * LR
+    assert angles(b, w2, ROWS).max().item() <= math.asin(0.5 * LR) * (1 + 1e-5)
+    assert angles(b, w2, ROWS).min().item() > 0.45 * LR
+
+
+@pytest.mark.parametrize("bad", [0, 1, "yes", None])
+def test_clip_v_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match="clip_v"):
+        Nero([balanced_param((4, 8))], clip_v=bad)
+    opt = Nero([balanced_param((4, 8))])
+    with pytest.raises(ValueError, match="clip_v"):
+        opt.add_param_group({"params": [balanced_param((4, 8))], "clip_v": bad})
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, "1", True, float("nan")])
 def test_clip_rejects_bad_values(bad):
     with pytest.raises(ValueError, match="clip"):

@@ -526,3 +526,131 @@ def test_paper_gradient_is_linear_so_accumulation_and_scaling_hold():
 def test_bad_update_mode_is_an_error():
     with pytest.raises(ValueError, match="unknown update 'exact'"):
         nerofy.wrap(nn.Linear(4, 4), update="exact")
+
+
+# ---------------------------------------------------------------------------------------------
+# long chains of layers in series: the plan's chain and Nero's cap on them
+# ---------------------------------------------------------------------------------------------
+def plain_mlp(depth: int, width: int = 16) -> nn.Sequential:
+    layers = [nn.Linear(8, width), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 4))
+
+
+class ResidualMlp(nn.Module):
+    def __init__(self, blocks: int = 30, width: int = 16):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, width), nn.Linear(width, 4)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(),
+                                                  nn.Linear(width, width)) for _ in range(blocks))
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = h + b(h)
+        return self.out(h)
+
+
+class GatedLoop(nn.Module):
+    """A GRU-style cell written out and run over the sequence in Python: the gate's path is not
+    the shortest one, so the chain does not grow with the sequence."""
+
+    def __init__(self, d: int = 8):
+        super().__init__()
+        self.inp, self.z, self.n, self.out = nn.Linear(4, d), nn.Linear(2 * d, d), nn.Linear(2 * d, d), nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = torch.zeros(x.shape[0], self.z.out_features)
+        for t in range(x.shape[1]):
+            xt = self.inp(x[:, t])
+            z = torch.sigmoid(self.z(torch.cat([xt, h], -1)))
+            h = (1 - z) * h + z * torch.tanh(self.n(torch.cat([xt, h], -1)))
+        return self.out(h)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "record", "export"])
+def test_chain_counts_layers_in_series_and_takes_the_shortcut_at_merges(frontend):
+    """plan.chain: a layer adds one, a residual sum or gate takes the shortest path (every frontend)."""
+    x = torch.randn(2, 8)
+    for depth in (3, 20, 45):
+        assert make_plan(plain_mlp(depth), (x,), (frontend,)).chain == depth
+    # input layer, then each block's branch (2 layers) off a stream whose shortest path is 1 layer, then the head
+    assert make_plan(ResidualMlp(30), (x,), (frontend,)).chain == 3
+    if frontend == "record":  # fx cannot trace the loop over a tensor's size; export unrolls it too
+        short, long_ = (make_plan(GatedLoop(), (torch.randn(2, t, 4),), (frontend,)).chain for t in (5, 40))
+        assert short == long_ <= 4
+
+
+def test_chain_of_conv_nets_and_leaf_modules():
+    """A plain BN conv stack counts every conv (a norm does not end a chain); opaque leaves with
+    weights (an LSTM) count as one layer."""
+    convs = []
+    for i in range(14):
+        convs += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    net = nn.Sequential(*convs, nn.Flatten(), nn.Linear(8 * 4 * 4, 2))
+    assert make_plan(net, (torch.randn(2, 3, 4, 4),)).chain == 15
+
+    class Rnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lstm, self.head = nn.Embedding(10, 8), nn.LSTM(8, 8, batch_first=True), nn.Linear(8, 10)
+
+        def forward(self, ids):
+            return self.head(self.lstm(self.emb(ids))[0])
+    assert make_plan(Rnn(), (torch.randint(0, 10, (2, 5)),)).chain == 3
+
+
+def _spike_angles(model, opt, x):
+    """Per-neuron angles of every balanced weight at a step with a gradient 1e4x the history's."""
+    from nerofy.rewrite import _optimizer_tensors
+
+    ws = [t for e, t in _optimizer_tensors(model, wrapped_plan(model)) if e.role == "neuron"]
+    for s in range(12):
+        before = [w.detach().clone() for w in ws]
+        opt.zero_grad()
+        (model(x).square().sum() * (1e4 if s == 11 else 1.0)).backward()
+        opt.step()
+    return torch.cat([_row_angles(b, w.detach()) for b, w in zip(before, ws)])
+
+
+def _row_angles(a, b):
+    ua, ub = F.normalize(a.double().flatten(1), dim=1), F.normalize(b.double().flatten(1), dim=1)
+    return 2 * torch.asin((ua - ub).norm(dim=1) / 2)
+
+
+def test_a_long_chain_gets_a_shorter_cap_that_any_nero_applies():
+    """wrap on a 30-layer plain MLP: Nero's cap (2 lr) times CHAIN_REF / 30, carried by the tensors,
+    so wrap's optimizer, Nero(model.parameters()), Nero(param_groups(model)) and a deep copy all
+    apply it; chain_ref=None switches it off; a residual net of the same depth keeps the cap."""
+    from nerofy.plan import CHAIN_REF
+
+    lr, x = 0.01, torch.randn(16, 8)
+    cap = 2 * lr * CHAIN_REF / 30
+    torch.manual_seed(0)
+    model, opt = nerofy.wrap(plain_mlp(30), lr=lr, example_inputs=(x[:2],))
+    assert wrapped_plan(model).chain == 30
+    assert "layers in series: 30" in str(wrapped_plan(model))
+    twin = copy.deepcopy(model)
+    ang = _spike_angles(model, opt, x)
+    assert ang.max().item() <= math.asin(cap) * (1 + 1e-4)
+    assert ang.max().item() > 0.9 * cap  # the spike's step is at the cap
+    for make in (lambda m: nerofy.Nero(m.parameters(), lr=lr), lambda m: nerofy.Nero(nerofy.param_groups(m), lr=lr)):
+        ang = _spike_angles(twin, make(twin), x)
+        assert ang.max().item() <= math.asin(cap) * (1 + 1e-4)
+    torch.manual_seed(0)
+    model, opt = nerofy.wrap(plain_mlp(30), lr=lr, example_inputs=(x[:2],), chain_ref=None)
+    assert _spike_angles(model, opt, x).max().item() > 1.5 * lr  # the full cap, 2 lr
+    torch.manual_seed(0)
+    model, opt = nerofy.wrap(ResidualMlp(15), lr=lr, example_inputs=(x[:2],))
+    assert wrapped_plan(model).chain == 3 and _spike_angles(model, opt, x).max().item() > 1.5 * lr
+
+
+def test_chain_in_the_plan_json_and_bad_chain_ref():
+    x = torch.randn(2, 8)
+    plan = make_plan(plain_mlp(20), (x,))
+    back = nerofy.Plan.from_dict(json.loads(plan.to_json()))
+    assert back.chain == plan.chain == 20 and plan.summary()["chain"] == 20
+    for bad in (0, 2.5, True, "12"):
+        with pytest.raises(ValueError, match="chain_ref"):
+            nerofy.wrap(plain_mlp(3), example_inputs=(x,), chain_ref=bad)

@@ -108,6 +108,36 @@ def test_kernel_matches_reference(interpreted, kind, dtype):
                                    atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("capturable", [False, True], ids=["eager", "capturable"])
+@pytest.mark.parametrize("clip, clip_v, factor", [(2.0, True, 1.0), (0.5, True, 1.0), (2.0, False, 1.0),
+                                                  (2.0, True, 0.3)])
+@pytest.mark.parametrize("kind", ["rows", "elementwise", "loop_fanin_5000"])
+def test_kernel_clips_the_running_average_like_the_reference(interpreted, kind, clip, clip_v, factor, capturable):
+    """Gradient scales that jump by e^N(0, 1.5) each step clip v's sample often (v takes the gradient
+    clipped at clip * its rms, clip_v); a tensor's carried cap factor (nerofy.wrap on a long chain)
+    shortens both. The kernel (eager, and capturable: its bias corrections from the device step
+    count) matches the reference."""
+    from nerofy.optim import CARRIED_CLIP
+
+    shape, lay = LAYOUTS[kind]
+    gen = torch.Generator().manual_seed(11)
+    grads = [torch.randn(shape, generator=gen) * torch.exp(torch.randn(1, generator=gen) * 1.5) for _ in range(8)]
+    w0 = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    out = []
+    for route in ("triton", "reference"):
+        p = torch.nn.Parameter(w0.clone())
+        setattr(p, CARRIED_CLIP, factor)
+        kw = dict(capturable=capturable) if route == "triton" else dict(fused=False, foreach=False)
+        opt = nerofy.Nero([{"params": [p], "layout": lay}], lr=0.05, clip=clip, clip_v=clip_v, **kw)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        out.append((p.detach(), opt.state[p]["v"]))
+    (w, v), (w_ref, v_ref) = out
+    torch.testing.assert_close(w, w_ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(v, v_ref, atol=1e-7, rtol=1e-5)
+
+
 def test_many_tensors_and_groups_in_one_launch_per_bucket(interpreted):
     """Tensors of different groups (own lr, beta) and dtypes share launches: one per (dtype, bucket)."""
     specs = [((6, 5), NeuronLayout(), 0.05), ((4, 7), NeuronLayout(), 0.01), ((3, 2, 3, 3), NeuronLayout(), 0.02),
