@@ -50,6 +50,7 @@ Configurations (``--configs``; each gets the plain model built right after torch
   nerofy beta 0.99       ... beta=0.99: a faster running average (the paper's is 0.999)
   nerofy lr 0.005        ... lr=0.005
   nerofy lr 0.02         ... lr=0.02
+  nerofy lr 0.02 previous defaults  ... lr=0.02, chain_ref=None, clip_v=False
   nerofy spike C B       experiment (C 2 or 1.5, B 0.9 or 0.99): before Nero's step, each neuron's gradient
                          is shortened to at most C times the rms of its recent norms (an EMA with beta B of
                          the shortened norms^2; ZClip-style spike clipping per neuron), Nero's clip 2 behind it
@@ -335,6 +336,8 @@ CONFIGS = {
     "nerofy spike 2 0.99": _spike(2.0, 0.99),
     "nerofy lr 0.005": lambda model, ex: nerofy.wrap(model, lr=0.005, example_inputs=ex),
     "nerofy lr 0.02": lambda model, ex: nerofy.wrap(model, lr=0.02, example_inputs=ex),
+    "nerofy lr 0.02 previous defaults": lambda model, ex: nerofy.wrap(model, lr=0.02, example_inputs=ex, chain_ref=None,
+                                                                      clip_v=False),
     "nerofy zero bias": _zero_bias,
     "nerofy unit-gain": _wrap(scale="unit"),
     "nerofy signal-gain": _wrap(scale="signal"),

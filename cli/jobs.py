@@ -159,6 +159,7 @@ def _plan_fields(row: dict, plan) -> None:
     row["params_by_role"] = {k: v for k, v in s["params"].items() if v}
     row["total_params"] = s["total_params"]
     row["constrained_share"] = round(s["constrained_share"], 6)
+    row["chain"] = plan.chain  # weighted layers in series (wrap shortens Nero's cap above nerofy.plan.CHAIN_REF)
     row["warnings"] = len(plan.warnings)
     row["warning_samples"] = [w[:300] for w in plan.warnings[:MAX_WARNINGS]]
 

@@ -474,7 +474,7 @@ def run(fused_neurons: list, fused_elements: list, *, lr: float, beta: float, ep
     # small steps stay on one thread: waking a team costs more than the work, and far more when
     # the cores are busy (threads then wait for a core at every barrier)
     threads = 1 if total < _PARALLEL_MIN_ELEMENTS else max(1, torch.get_num_threads())
-    v_clip_inv = clip_inv if v_clip_inv is None else v_clip_inv
+    v_clip_inv = min(clip_inv, 1.0) if v_clip_inv is None else v_clip_inv  # optim.v_limit
     skipped = lib.nero_fused_step(n, mt.data_ptr(), ft.data_ptr(), float(beta), float(eps), float(clip_inv),
                                   float(v_clip_inv), int(bool(skip_nonfinite)),
                                   threads, _CHUNK_BYTES)

@@ -26,7 +26,7 @@ def one_minus_pow(lnb, t):
 
 @triton.jit
 def coefs(t, tid, steps, flags, CAPT: tl.constexpr):
-    """(lr * s, 1 / (1 - beta^step), beta, 1 - beta, eps, 1 / clip, clip^2 / (1 - beta^(step-1))) of
+    """(lr * s, 1 / (1 - beta^step), beta, 1 - beta, eps, 1 / clip, max(clip, 1)^2 / (1 - beta^(step-1))) of
     the tensors in rows ``t`` of the table (1 - beta has its own column: from a float32 beta it would
     be 1e-5 off). The last is v's limit factor (see :func:`sample`), 0 where there is no cap or at step 1."""
     beta, omb, eps, ci = f64(t + 10), f64(t + 14), f64(t + 11), f64(t + 15)
@@ -38,12 +38,13 @@ def coefs(t, tid, steps, flags, CAPT: tl.constexpr):
         bcp = tl.where(prev > 0.5, 1.0 / one_minus_pow(f64(t + 13), tl.maximum(prev, 1.0)), 0.0)
     else:
         lrs, bc, bcp = f64(t + 8), f64(t + 9), f64(t + 16)
-    lim = tl.where(ci > 0.0, tl.where((flags & 8) != 0, bcp / tl.maximum(ci * ci, 1e-30), 0.0), 0.0)
+    cv = tl.minimum(ci, 1.0)  # v takes the gradient clipped at max(clip, 1) times its rms (optim.v_limit)
+    lim = tl.where(cv > 0.0, tl.where((flags & 8) != 0, bcp / tl.maximum(cv * cv, 1e-30), 0.0), 0.0)
     return lrs, bc, beta, omb, eps, ci, lim
 
 @triton.jit
 def sample(sq, v, lim):
-    """What v takes: ||g||^2 clipped at clip^2 times v's bias-corrected value before this step,
+    """What v takes: ||g||^2 clipped at max(clip, 1)^2 times v's bias-corrected value before this step,
     where there is a cap and v is not 0 (the first step, a neuron whose gradient was zero so far)."""
     return tl.where(v > 0.0, tl.minimum(sq, tl.where(lim > 0.0, lim * v, sq)), sq)
 

@@ -10,7 +10,7 @@ Written from the paper's mathematics (see DESIGN.md §1). For every neuron ``i``
 For balanced (unit-norm) neurons ``s = 1``, so the learning rate is the angle each neuron turns per
 step. Two departures, both switchable (``clip=None`` is the paper's update): a step turns a
 neuron by at most ``clip * lr`` (``||g_i|| / sqrt(v_hat_i)`` capped at ``clip``), and ``v_i`` takes
-the gradient clipped the same way (``min(||g_i||^2, clip^2 * v_hat_i)``, ``clip_v``), so a spike
+the gradient clipped the same way (``min(||g_i||^2, max(clip, 1)^2 * v_hat_i)``, ``clip_v``), so a spike
 neither turns a neuron far nor shrinks its later steps. Unconstrained tensors (biases, gains, embedding rows, ...) use the same rule with ``s`` fixed
 at the tensor's mean neuron norm when its state is created (``scale_floor`` where that is zero), so
 they too move by a relative amount.
@@ -162,12 +162,12 @@ def nero_update(
     masked and counted into it on the device (no host sync, the foreach path's route off the CPU),
     and they are not part of the returned count.
     ``clip_inv``: 1 / clip, 0 for no cap on a step (see :func:`clip_inv`).
-    ``v_clip_inv``: 1 / the clip of the gradient the running average takes (default ``clip_inv``;
-    0: the whole gradient, as in the paper; Nero's ``clip_v``).
+    ``v_clip_inv``: 1 / the clip of the gradient the running average takes (default
+    ``v_limit(clip_inv)``; 0: the whole gradient, as in the paper; Nero's ``clip_v``).
     Returns the number of neurons/elements whose non-finite gradient was treated as zero.
     """
     lr = float(lr)  # a 0-dim tensor lr (accepted by Nero) cannot go into the foreach scalar lists
-    v_clip_inv = clip_inv if v_clip_inv is None else v_clip_inv
+    v_clip_inv = v_limit(clip_inv) if v_clip_inv is None else v_clip_inv
     skipped = 0
     if foreach and any(x[0].is_complex() for x in (*neurons, *elements)):
         # complex weights (spectral layers): the reference path, whose squares are |g|^2
@@ -285,13 +285,13 @@ def _update_reference(neurons, elements, *, lr, beta, eps, skip_nonfinite, count
 
     ``clip_inv``: 1 / clip (0: no cap); a neuron's step is ``lr * s * g / max(sqrt(v_hat), eps,
     ||g|| * clip_inv)``, so it turns by at most ``clip * lr`` (see :func:`clip_inv`); ``v`` takes the
-    gradient clipped at ``1 / v_clip_inv`` times its running rms (default ``clip_inv``; 0: whole).
+    gradient clipped at ``1 / v_clip_inv`` times its running rms (default ``v_limit(clip_inv)``; 0: whole).
 
     With ``counter`` (``capturable=True`` off the Triton route, and under ``torch.compile``) nothing
     is read back to the host: ``lr`` may be a tensor, step counts may be device tensors, and
     non-finite gradients are counted into ``counter`` on the device instead of returned."""
     skipped = 0
-    v_clip_inv = clip_inv if v_clip_inv is None else v_clip_inv
+    v_clip_inv = v_limit(clip_inv) if v_clip_inv is None else v_clip_inv
 
     def masked(bad: Tensor) -> None:
         nonlocal skipped
@@ -412,7 +412,7 @@ class Nero(torch.optim.Optimizer):
             network with a long chain of layers in series (see ``chain_ref`` there): the factor
             is carried by the tensors and applied in any group.
         clip_v: the running average takes each gradient clipped as the step is (``||g||`` at most
-            ``clip * sqrt(v_hat)``; default True), so that one spike (a gradient 1000x its
+            ``max(clip, 1) * sqrt(v_hat)``; default True), so that one spike (a gradient 1000x its
             history) does not inflate ``v_hat`` and shrink that neuron's next thousand steps; on
             plain deep MLPs that was the difference between stalled and steadily turning neurons
             (docs/results.md §0). False: ``v`` takes the whole gradient, as in the paper (with
@@ -580,7 +580,7 @@ class Nero(torch.optim.Optimizer):
                 else:
                     w, g = p.detach(), p.grad
                 ci = clip_inv(group, p)
-                neurons, elements = work.setdefault((ci, ci if group.get("clip_v", True) else 0.0), ([], []))
+                neurons, elements = work.setdefault((ci, v_limit(ci) if group.get("clip_v", True) else 0.0), ([], []))
                 if lay.elementwise:
                     elements.append((w, g, st["v"], st["step"], st["scale"]))
                 else:
@@ -749,6 +749,16 @@ def check_clip(clip) -> None:
     if not (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0.0):
         raise ValueError(f"Invalid clip {clip!r}: it must be a number > 0 (2.0, the default: no neuron turns more than 2 lr per "
                          "step) or None (the paper's uncapped update)")
+
+
+def v_limit(clip_inv: float) -> float:
+    """1 / the clip of the gradient the running average takes, for a step capped at ``1 / clip_inv``:
+    ``max(clip, 1)`` times the running rms. A spike is clipped as the step is; a cap below 1 (a long
+    chain, see ``nerofy.wrap``'s ``chain_ref``) does not feed ``v`` less than itself, which would
+    shrink it without end. At 1, ``v_hat`` can fall with the gradient but not rise: where gradients
+    grow, such a chain's steps are fixed turns at the cap (the best steps on deep plain MLPs,
+    benchmarks/chain_sweep.py), where they shrink, shorter ones. 0: no cap, the whole gradient."""
+    return min(clip_inv, 1.0)
 
 
 def _check_clip_v(clip_v) -> None:

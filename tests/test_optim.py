@@ -306,6 +306,23 @@ def test_running_average_takes_a_first_gradient_whole(path):
     assert v_before[0, 0] == 0.0 and (opt.state[w]["v"] > 0).all()
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_a_cap_below_one_keeps_the_running_average_honest(path):
+    """A cap under 1 (a long chain) clips v's sample at the running rms itself, not below it: with
+    gradients of steady norm v_hat stays ~||g||^2 instead of shrinking without end, and every step
+    is at the cap (r ~ 1 > cap)."""
+    gen = torch.Generator().manual_seed(12)
+    w = balanced_param((6, 48))
+    opt = Nero([{"params": [w], "layout": ROWS}], lr=LR, clip=0.5, **path_kw(path))
+    for _ in range(300):
+        w0 = w.detach().clone()
+        w.grad = tangent_grad(w, ROWS, 3.0, gen)  # every neuron's gradient norm is 3
+        opt.step()
+    torch.testing.assert_close(_v_hat(opt, w), torch.full((6, 1), 9.0), rtol=0.02, atol=0)
+    torch.testing.assert_close(angles(w0, w, ROWS), torch.full((6,), math.atan(0.5 * LR), dtype=torch.float64),
+                               rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("path", [p for p in PATHS if p != "reference"])
 @pytest.mark.parametrize("clip, clip_v, factor", [(2.0, True, 1.0), (0.5, True, 1.0), (2.0, False, 1.0),
                                                   (2.0, True, 0.3)])
