@@ -1,9 +1,9 @@
 """How far a chain of layers in series can turn per step: the evidence for nerofy.plan.CHAIN_REF.
 
 Plain ReLU MLPs (training_quality.py's mlp benches: digits, batch 50, 30 epochs, width 64) at depths
-10, 20, 30 and 50, trained with every neuron turning a fixed angle per step: Nero with lr = angle /
-0.1 and clip = 0.1, so the cap binds at every step (its running average takes the clipped gradient
-and shrinks until it does), no cap factor (chain_ref=None). Each neuron then turns exactly ``angle``
+10, 20, 30, 40 and 50, trained with every neuron turning a fixed angle per step: Nero with lr = angle /
+0.1 and clip = 0.1, so the cap binds wherever a neuron's gradient is over a tenth of its running rms
+(nearly every step), no cap factor (chain_ref=None). Each neuron then turns exactly ``angle``
 radians per step and every layer of the chain turns together, so the function the chain computes
 turns by about depth x angle per step. Five seeds per cell; final test accuracy.
 
@@ -29,7 +29,7 @@ import tq_models as M  # noqa: E402
 
 import nerofy  # noqa: E402
 
-DEPTHS = (10, 20, 30, 50)
+DEPTHS = (10, 20, 30, 40, 50)
 ANGLES = (0.005, 0.01, 0.02, 0.04)
 CAP = 0.1  # Nero's clip in units of lr: lr = angle / CAP
 OUT = TQ.RESULTS / "chain_sweep.jsonl"

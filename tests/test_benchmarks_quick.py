@@ -60,7 +60,7 @@ def test_chain_sweep_quick_writes_its_table(tmp_path):
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["bench"] for r in rows) == ["mlp10x64", "mlp20x64", "mlp30x64", "mlp50x64"]
+    assert sorted(r["bench"] for r in rows) == ["mlp10x64", "mlp20x64", "mlp30x64", "mlp40x64", "mlp50x64"]
     assert all(r["status"] == "ok" and r["config"] == "every neuron 0.01 rad" for r in rows)
     s = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chain_sweep.py"), "--summary", "--out", str(out)],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
